@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, memory accounting, reports."""

@@ -1,0 +1,1 @@
+"""Quantizers, fake-quantized modules and the methods built on them."""

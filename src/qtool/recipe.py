@@ -1,0 +1,175 @@
+"""Recipes: a YAML file naming a model and the stages to run on it, in order.
+
+    name: smollm2-w4g128            # optional label
+    model: smollm2-135m             # model id, model directory or stage directory
+    workdir: runs/smollm2-w4g128    # stage k is written to <workdir>/<k>-<stage>
+    steps:
+      - calibrate: {samples: 128, seqlen: 2048}
+      - eval: {spec: W4A16-g128, windows: 40}
+
+Each step reads the newest stage written before it (the model for the first). A step whose
+output is already complete for the same inputs and parameters is skipped, so a rerun of a recipe
+continues where it stopped. Keys are checked against the stage's parameters before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from qtool.checkpoint import stage_fingerprint
+from qtool.errors import QtoolError
+from qtool.runtime import console, open_source
+
+
+@dataclass(frozen=True)
+class StepKind:
+    params: type  # the stage's parameter dataclass (fields `model` and maybe `out` are filled in)
+    run: Callable[..., dict]
+    writes_stage: bool
+
+
+RUNTIME_KEYS = {"batch_size": int}
+
+
+def _steps() -> dict[str, StepKind]:
+    from qtool.calibrate import CalibrateParams, calibrate
+    from qtool.eval.run import EvalParams, evaluate
+
+    return {
+        "calibrate": StepKind(CalibrateParams, calibrate, True),
+        "eval": StepKind(EvalParams, evaluate, False),
+    }
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    options: dict
+    runtime: dict
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    model: str
+    workdir: Path
+    steps: list[Step]
+
+
+def _type_ok(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return " or ".join(_type_name(a) for a in typing.get_args(hint)) if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise QtoolError(f"recipe {path} not found; see recipes/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise QtoolError(f"recipe {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise QtoolError(f"recipe {path} must be a mapping with keys model, workdir, steps")
+    unknown = set(raw) - {"name", "model", "workdir", "steps"}
+    if unknown:
+        raise QtoolError(f"recipe {path}: unknown key '{sorted(unknown)[0]}' (known: name, model, workdir, steps)")
+    for key in ("model", "workdir", "steps"):
+        if key not in raw:
+            raise QtoolError(f"recipe {path}: missing key '{key}'")
+    if not isinstance(raw["steps"], list) or not raw["steps"]:
+        raise QtoolError(f"recipe {path}: 'steps' must be a non-empty list")
+    kinds = _steps()
+    steps = []
+    for index, entry in enumerate(raw["steps"]):
+        where = f"recipe {path}: steps[{index}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise QtoolError(f"{where} must be a mapping with one stage name, e.g. '- calibrate: {{samples: 128}}'")
+        (kind, options), = entry.items()
+        if kind not in kinds:
+            raise QtoolError(f"{where}: unknown stage '{kind}' (known: {', '.join(kinds)})")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise QtoolError(f"{where}.{kind} must be a mapping of options")
+        hints = typing.get_type_hints(kinds[kind].params)
+        fields = {f.name: hints[f.name] for f in dataclasses.fields(kinds[kind].params) if f.name not in ("model", "out")}
+        params, runtime = {}, {}
+        for key, value in options.items():
+            if key in RUNTIME_KEYS:
+                if not _type_ok(value, RUNTIME_KEYS[key]):
+                    raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(RUNTIME_KEYS[key])}, got {value!r}")
+                runtime[key] = value
+            elif key in fields:
+                if not _type_ok(value, fields[key]):
+                    raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(fields[key])}, got {value!r}")
+                params[key] = value
+            else:
+                known = ", ".join([*fields, *RUNTIME_KEYS])
+                raise QtoolError(f"{where}.{kind}: unknown key '{key}' (known: {known})")
+        steps.append(Step(kind, params, runtime))
+    workdir = Path(raw["workdir"])
+    if not workdir.is_absolute():
+        workdir = Path.cwd() / workdir
+    return Recipe(path, str(raw.get("name", path.stem)), str(raw["model"]), workdir, steps)
+
+
+def _cached_eval(out: Path, fingerprint: str) -> dict | None:
+    try:
+        saved = json.loads(out.read_text())
+        return saved["result"] if saved["fingerprint"] == fingerprint else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
+    """Run every step; returns each step's result dict."""
+    kinds = _steps()
+    current = recipe.model
+    results = []
+    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    for index, step in enumerate(recipe.steps):
+        kind = kinds[step.kind]
+        console.rule(f"[bold]{recipe.name}: step {index} {step.kind}")
+        if kind.writes_stage:
+            out = recipe.workdir / f"{index:02d}-{step.kind}"
+            params = kind.params(model=current, out=str(out), **step.options)
+            results.append(kind.run(params, device=device, **step.runtime))
+            current = str(out)
+            continue
+        params = kind.params(model=current, **step.options)
+        out = recipe.workdir / f"{index:02d}-{step.kind}.json"
+        fingerprint = stage_fingerprint(step.kind, params.fingerprint_params(), open_source(current))
+        cached = _cached_eval(out, fingerprint)
+        if cached is not None:
+            console.print(f"[green]{step.kind}: {out} is complete for these inputs, skipped[/green]")
+            results.append({**cached, "stage": step.kind, "skipped": True})
+            continue
+        result = {**kind.run(params, device=device, **step.runtime), "stage": step.kind}
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2, default=str))
+        os.replace(tmp, out)
+        results.append(result)
+    return results

@@ -1,0 +1,58 @@
+"""Shared plumbing of every stage: devices, opening a model or stage, progress bars."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from qtool.checkpoint import Stage, check_model_files, open_stage
+from qtool.errors import QtoolError
+from qtool.models.loading import load_model, load_tokenizer, resolve_model
+
+console = Console(stderr=True)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QtoolError(f"device '{name}' asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise QtoolError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QtoolError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def open_source(ref: str) -> Stage:
+    """Resolve a model reference to a checked model or stage directory."""
+    path = resolve_model(ref)
+    stage = open_stage(path)
+    check_model_files(path)
+    return stage
+
+
+def load(stage: Stage, dtype: torch.dtype = torch.float32):
+    """(model on CPU, tokenizer) of a model or stage directory."""
+    return load_model(stage.path, dtype=dtype, device="cpu"), load_tokenizer(stage.path)
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
