@@ -75,9 +75,21 @@ def _lowbit_config(m: int, acc_sets: int) -> tuple[int, int, int]:
     return wm, wn, 4
 
 
-def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: int, wn: int, ksplit: int):
+def _output(m: int, n: int, dtype, device, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise QtoolError(f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return y if out is None else _output(*y.shape, y.dtype, y.device, out).copy_(y)
+
+
+def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: int, wn: int, ksplit: int, out):
     seg, dev = w.segments, a.data.device
-    y = torch.empty(a.m, w.n, dtype=a.dtype, device=dev)
+    y = _output(a.m, w.n, a.dtype, dev, out)
     if bias is not None:
         bias = bias.to(device=dev, dtype=a.dtype).contiguous()
     tile_seg = seg.tile_seg().to(dev)
@@ -93,22 +105,22 @@ def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: 
     return y
 
 
-def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x_hat @ w_hat^T + bias from bit-planes (AND+POPC tensor cores); output in x's dtype."""
     _check_pair(a, w, "planes")
     if not rt.on_gpu(a.data, w.data):
-        return ref.bitplane_gemm_ref(a, w, bias)
+        return _into(ref.bitplane_gemm_ref(a, w, bias), out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
-    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks)
+    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
 
 
-def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x_hat @ w_hat^T + bias from u8 codes (activations) and nibbles (weights) on IMMA tensor cores."""
     _check_pair(a, w, "u8")
     if not rt.on_gpu(a.data, w.data):
-        return ref.u8_gemm_ref(a, w, bias)
+        return _into(ref.u8_gemm_ref(a, w, bias), out)
     wm, wn, ks = _lowbit_config(a.m, 3)
-    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks)
+    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
 
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,23 +147,23 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
     return out
 
 
-def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w_hat^T + bias for fp16/bf16 x [M, K]: a packed-weight GEMV for M <= 16, else
     one dequantization to x's dtype followed by torch (cuBLAS) matmul."""
     x = _check_x(x, w.k)
     if not rt.on_gpu(x, w.data):
-        return ref.w_only_gemm_ref(x, w, bias)
+        return _into(ref.w_only_gemm_ref(x, w, bias), out)
     tag = rt.type_tag(x.dtype)
     m = x.shape[0]
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
+    y = _output(m, w.n, x.dtype, x.device, out)
     if m > GEMV_MAX_M:
-        y = x @ dequantize_weights(w, x.dtype).T
-        return y + bias if bias is not None else y
+        torch.matmul(x, dequantize_weights(w, x.dtype).T, out=y)
+        return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
     mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
-    y = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     d, hi, sz, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {mt}, {tag}>")
     rows_per_block = 16  # 8 warps x 2 rows
