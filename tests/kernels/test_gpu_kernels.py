@@ -69,11 +69,11 @@ def test_quantize_activations(layout, bits, m):
     b = torch.tensor(w.segments.bounds)
     sums = torch.stack([ca[:, p:q].sum(1) for p, q in zip(b[:-1].tolist(), b[1:].tolist())], 1)
     assert torch.equal(a.seg_sum.long().cpu(), sums.cpu())
-    assert torch.equal(a.data.view(torch.uint8).flatten()[: r.data.numel() * r.data.element_size()],
-                       r.data.view(torch.uint8).flatten()) == torch.equal(ca, cr)
+    if torch.equal(ca, cr):
+        assert torch.equal(a.data, r.data)  # padding and word order too
 
 
-BITPLANE = [(1, 1), (2, 2), (2, 8), (3, 5), (4, 4), (8, 8), (1, 8), (8, 1), (2, 4), (4, 2)]
+BITPLANE = [(1, 1), (2, 2), (2, 8), (3, 5), (4, 4), (8, 8), (1, 8), (8, 1)]
 
 
 @pytest.mark.parametrize("wbits,abits", BITPLANE)
