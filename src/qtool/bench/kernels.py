@@ -135,6 +135,11 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     bw = copy_bandwidth()
     rows, table = [], []
+    csv_path = out_dir / "kernels_bench.csv"
+    fields = ["n", "k", "m", "path", "impl", "us", "tops", "tbps", "roofline_pct", "x_fp16", "x_int_mm"]
+    csv_file = csv_path.open("w", newline="")  # rows are flushed as measured, so a cut-off run keeps them
+    writer = csv.DictWriter(csv_file, fieldnames=fields)
+    writer.writeheader()
     for n, k in shapes:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -158,6 +163,8 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
                            x_fp16=round(base.get("fp16", float("nan")) / us, 2),
                            x_int_mm=round(base["int_mm"] / us, 2) if "int_mm" in base else "")
                 rows.append(row)
+                writer.writerow(row)
+                csv_file.flush()
                 print(f"{n}x{k} M={m:5d} {path:16s} {case.impl:18s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
                       f"{row['tbps']:6.3f} TB/s  {row['roofline_pct']:5.1f}% roof  {row['x_fp16']}x fp16", flush=True)
                 if path.startswith("w"):
@@ -165,11 +172,7 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
                     table.append(dict(wbits=wb, abits=ab, m=m, n=n, k=k, path=case.impl, us=round(us, 2)))
                 del case
             torch.cuda.empty_cache()
-    csv_path = out_dir / "kernels_bench.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["n"])
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_file.close()
     result = {"csv": str(csv_path), "png": plot(rows, out_dir / "kernels_bench.png"), "copy_tbps": round(bw / 1e12, 3),
               "rows": len(rows), "device": torch.cuda.get_device_name()}
     if tune:
