@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU call for the kernels branch: tests, SASS instruction counts, benchmark (CSV + PNG).
+# Run from the repo root on the H100 with PYTHONPATH=src and $OUT set. Writes 6 files to $OUT.
+set -uo pipefail
+: "${OUT:?set OUT to the output directory}"
+export PYTHONPATH="${PYTHONPATH:-src}"
+export QTOOL_CACHE="/tmp/qtool_cache_$$"   # the tuned table is copied into $OUT at the end
+mkdir -p "$OUT"
+
+timeout 250 python3 -m pytest -x -q tests/kernels 2>&1 | tee "$OUT/kernel_tests.log"
+
+{
+  for src in kernels/cuda/*.cu; do
+    cubin="/tmp/$(basename "$src" .cu).cubin"
+    nvcc -arch=sm_90 -cubin -DQTOOL_INSTANTIATE -o "$cubin" "$src" || { echo "$src: nvcc failed"; continue; }
+    if command -v cuobjdump >/dev/null; then
+      echo "$src: BMMA=$(cuobjdump -sass "$cubin" | grep -c BMMA) IMMA=$(cuobjdump -sass "$cubin" | grep -c IMMA)" \
+           "HMMA=$(cuobjdump -sass "$cubin" | grep -c HMMA) HFMA2=$(cuobjdump -sass "$cubin" | grep -c HFMA2)"
+    else
+      echo "cuobjdump not on PATH: no SASS counts"
+    fi
+  done
+} 2>&1 | tee "$OUT/sass_counts.txt"
+
+timeout 200 python3 -m qtool.bench.kernels \
+  --shapes 4096x11008,8192x8192 --m 1,16,256,4096 \
+  --paths fp16,int_mm,w4a16,w2a16,w3a16,w8a16,w2a8,w2a2,w4a4 \
+  --reps 20 --tune --out "$OUT" --json 2>&1 | tee "$OUT/bench.log"
+cp "$QTOOL_CACHE/kernel_table.json" "$OUT/" 2>/dev/null || true
+rm -rf "$QTOOL_CACHE"

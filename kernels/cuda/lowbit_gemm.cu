@@ -1,0 +1,237 @@
+// Low-bit x low-bit GEMMs on tensor cores, both with the same segment-aware epilogue:
+//   bitplane_gemm: any W p-bit x A q-bit via mma m16n8k256 b1 AND+POPC on bit-planes,
+//   u8_gemm:       W<=4-bit x A<=8-bit via mma m16n8k32 u8.u8 (unsigned codes, no offset folding).
+// K is cut into segments (weight groups and activation clusters both); each segment is padded to
+// whole k-tiles, so a tile never straddles a segment and the integer dot is flushed per segment:
+//   y[m,n] += Xa*Wa*dot - Xb*Wb - Xc*Wc     (Xa=sx, Xb=sx*sum qx, Xc=sx*zx; Wa=sw, Wb=sw*zw,
+//                                           Wc=sw*sum qw - sw*zw*Kseg; see kernels/cuda/README.md)
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+struct F16 {};
+struct BF16 {};
+template <class T> struct Cvt;
+template <> struct Cvt<F16> {
+  static __device__ __forceinline__ float load(u16 v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+  static __device__ __forceinline__ u16 store(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+};
+template <> struct Cvt<BF16> {
+  static __device__ __forceinline__ float load(u16 v) { return __uint_as_float(((u32)v) << 16); }
+  static __device__ __forceinline__ u16 store(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+};
+
+__device__ __forceinline__ void mma_b1(int* d, const u32* a, const u32* b) {
+  asm volatile("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_u8(int* d, const u32* a, const u32* b) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+struct Epilogue {
+  const float* sx; const float* zx; const int* sumx; const int* seg_cluster;
+  const float* wterms; const int* seg_ptile;
+  int M, N, C, S;
+  // Adds one segment's contribution for output (r, c); `first` says this run began at the
+  // segment's first tile, so the constant terms are added exactly once per segment.
+  __device__ __forceinline__ float term(int r, int c, int seg, float dot, bool first) const {
+    if (r >= M || c >= N) return 0.f;
+    const int cl = seg_cluster[seg];
+    const float a = sx[(size_t)r * C + cl];
+    float v = a * __ldg(wterms + (size_t)seg * N + c) * dot;
+    if (first) {
+      const float xb = a * (float)sumx[(size_t)r * S + seg], xc = a * zx[(size_t)r * C + cl];
+      v -= xb * __ldg(wterms + ((size_t)S + seg) * N + c) + xc * __ldg(wterms + ((size_t)2 * S + seg) * N + c);
+    }
+    return v;
+  }
+};
+
+// Sums the KSPLIT warps' partial tiles through shared memory and writes y = acc + bias.
+template <int WM, int WN, int KSPLIT, class T>
+__device__ __forceinline__ void reduce_store(float (&out)[WM][WN][4], int m0, int n0, int M, int N,
+                                             const u16* bias, u16* y) {
+  __shared__ float red[KSPLIT][WM * 16][WN * 8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][wm * 16 + gid + (e >> 1) * 8][wn * 8 + tig * 2 + (e & 1)] = out[wm][wn][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < WM * 16 * WN * 8; i += blockDim.x) {
+    const int rr = i / (WN * 8), cc = i % (WN * 8), r = m0 + rr, c = n0 + cc;
+    if (r >= M || c >= N) continue;
+    float v = bias ? Cvt<T>::load(bias[c]) : 0.f;
+#pragma unroll
+    for (int w = 0; w < KSPLIT; ++w) v += red[w][rr][cc];
+    y[(size_t)r * N + c] = Cvt<T>::store(v);
+  }
+}
+
+// The tiles [t_begin, t_end) of one warp in a KSPLIT-way split of all padded tiles.
+__device__ __forceinline__ void warp_tile_range(int ntiles, int& t_begin, int& t_end) {
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  t_begin = (int)((long long)ntiles * warp / nw);
+  t_end = (int)((long long)ntiles * (warp + 1) / nw);
+}
+
+// Bit-planes: xp[j][m][words], wp[i][n][words]; per 256-bit tile, words stored in the order
+// 0,4,1,5,2,6,3,7 so lane (gid, tig) fetches its fragment words (tig, 4+tig) with one 8-byte load.
+template <int P, int Q, int WM, int WN, int KSPLIT, class T>
+__global__ void __launch_bounds__(KSPLIT * 32) bitplane_gemm(
+    const u32* __restrict__ xp, const u32* __restrict__ wp, const int* __restrict__ tile_seg,
+    const float* sx, const float* zx, const int* sumx, const int* seg_cluster, const float* wterms,
+    const int* seg_ptile, int M, int N, int C, int S, const u16* __restrict__ bias, u16* __restrict__ y, int ntiles) {
+  const Epilogue ep{sx, zx, sumx, seg_cluster, wterms, seg_ptile, M, N, C, S};
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.y * 16 * WM, n0 = blockIdx.x * 8 * WN;
+  const size_t words = (size_t)ntiles * 8;
+  float out[WM][WN][4];
+  int acc[P + Q - 1][WM][WN][4];
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
+  int t, t_end;
+  warp_tile_range(ntiles, t, t_end);
+  while (t < t_end) {
+    const int seg = tile_seg[t];
+    const bool first = t == ep.seg_ptile[seg];
+    const int stop = min(t_end, ep.seg_ptile[seg + 1]);
+#pragma unroll
+    for (int s = 0; s < P + Q - 1; ++s)
+#pragma unroll
+      for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+        for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[s][wm][wn][e] = 0;
+#pragma unroll 2
+    for (; t < stop; ++t) {
+      u32 a[Q][WM][4], b[P][WN][2];
+#pragma unroll
+      for (int j = 0; j < Q; ++j)
+#pragma unroll
+        for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = m0 + wm * 16 + gid + 8 * h;
+            const uint2 v = r < M ? __ldg(reinterpret_cast<const uint2*>(xp + ((size_t)j * M + r) * words + (size_t)t * 8) + tig)
+                                  : make_uint2(0, 0);
+            a[j][wm][h] = v.x; a[j][wm][2 + h] = v.y;
+          }
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+#pragma unroll
+        for (int wn = 0; wn < WN; ++wn) {
+          const int c = n0 + wn * 8 + gid;
+          const uint2 v = c < N ? __ldg(reinterpret_cast<const uint2*>(wp + ((size_t)i * N + c) * words + (size_t)t * 8) + tig)
+                                : make_uint2(0, 0);
+          b[i][wn][0] = v.x; b[i][wn][1] = v.y;
+        }
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+#pragma unroll
+        for (int j = 0; j < Q; ++j)
+#pragma unroll
+          for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+            for (int wn = 0; wn < WN; ++wn) mma_b1(acc[i + j][wm][wn], a[j][wm], b[i][wn]);
+    }
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float dot = 0.f;
+#pragma unroll
+          for (int s = 0; s < P + Q - 1; ++s) dot += (float)acc[s][wm][wn][e] * (float)(1 << s);
+          out[wm][wn][e] += ep.term(m0 + wm * 16 + gid + (e >> 1) * 8, n0 + wn * 8 + tig * 2 + (e & 1), seg, dot, first);
+        }
+  }
+  reduce_store<WM, WN, KSPLIT, T>(out, m0, n0, M, N, bias, y);
+}
+
+// u8 codes: xa[m][k] bytes, per 32-code tile the 4-byte words stored in the order 0,4,1,5,2,6,3,7.
+// Weights: one word per (n, tile, tig) whose byte i holds code k=4*tig+i (low nibble) and
+// k=16+4*tig+i (high nibble): the two B fragment registers are (w & 0x0f0f0f0f, (w >> 4) & ...).
+template <int WM, int WN, int KSPLIT, class T>
+__global__ void __launch_bounds__(KSPLIT * 32) u8_gemm(
+    const u32* __restrict__ xa, const u32* __restrict__ wn4, const int* __restrict__ tile_seg,
+    const float* sx, const float* zx, const int* sumx, const int* seg_cluster, const float* wterms,
+    const int* seg_ptile, int M, int N, int C, int S, const u16* __restrict__ bias, u16* __restrict__ y, int ntiles) {
+  const Epilogue ep{sx, zx, sumx, seg_cluster, wterms, seg_ptile, M, N, C, S};
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.y * 16 * WM, n0 = blockIdx.x * 8 * WN;
+  const size_t words = (size_t)ntiles * 8;
+  float out[WM][WN][4];
+  int acc[WM][WN][4];
+#pragma unroll
+  for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+    for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
+  int t, t_end;
+  warp_tile_range(ntiles, t, t_end);
+  while (t < t_end) {
+    const int seg = tile_seg[t];
+    const bool first = t == ep.seg_ptile[seg];
+    const int stop = min(t_end, ep.seg_ptile[seg + 1]);
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[wm][wn][e] = 0;
+#pragma unroll 4
+    for (; t < stop; ++t) {
+      u32 a[WM][4], b[WN][2];
+#pragma unroll
+      for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = m0 + wm * 16 + gid + 8 * h;
+          const uint2 v = r < M ? __ldg(reinterpret_cast<const uint2*>(xa + (size_t)r * words + (size_t)t * 8) + tig)
+                                : make_uint2(0, 0);
+          a[wm][h] = v.x; a[wm][2 + h] = v.y;
+        }
+#pragma unroll
+      for (int wn = 0; wn < WN; ++wn) {
+        const int c = n0 + wn * 8 + gid;
+        const u32 v = c < N ? __ldg(wn4 + ((size_t)c * ntiles + t) * 4 + tig) : 0u;
+        b[wn][0] = v & 0x0f0f0f0fu; b[wn][1] = (v >> 4) & 0x0f0f0f0fu;
+      }
+#pragma unroll
+      for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+        for (int wn = 0; wn < WN; ++wn) mma_u8(acc[wm][wn], a[wm], b[wn]);
+    }
+#pragma unroll
+    for (int wm = 0; wm < WM; ++wm)
+#pragma unroll
+      for (int wn = 0; wn < WN; ++wn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          out[wm][wn][e] += ep.term(m0 + wm * 16 + gid + (e >> 1) * 8, n0 + wn * 8 + tig * 2 + (e & 1), seg,
+                                    (float)acc[wm][wn][e], first);
+  }
+  reduce_store<WM, WN, KSPLIT, T>(out, m0, n0, M, N, bias, y);
+}
+
+#ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
+template __global__ void bitplane_gemm<2, 8, 1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void bitplane_gemm<2, 2, 2, 4, 4, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void u8_gemm<1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void u8_gemm<2, 4, 4, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+#endif

@@ -1,0 +1,229 @@
+"""Kernel benchmark: time every path beside torch fp16 matmul and torch._int_mm in the same run.
+
+Timing: CUDA events around each launch while a preceding sleep kernel keeps the queue full (so host
+launch overhead is not measured), warm-up first, median of the runs; weights are rotated among copies
+totalling > 2x L2 so small-M runs stream from HBM. Roofline: weight bytes / measured D2D copy bandwidth
+for M <= 16; for larger M the dense tensor peak of the instruction used (H100 figures below).
+Run as `python -m qtool.bench.kernels --help` or `qtool bench kernels`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtool.errors import QtoolError
+
+DEFAULT_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192")
+DEFAULT_M = (1, 4, 16, 64, 256, 1024, 4096)
+DEFAULT_PATHS = ("fp16", "int_mm", "w4a16", "w2a16", "w3a16", "w8a16", "w2a8", "w2a2", "w4a4")
+TENSOR_PEAK = {"f16": 655e12, "s8": 1320e12, "b1": 10200e12}  # measured H100 mma.sync rates (ops/s)
+L2_BYTES = 50 << 20
+SMALL_M = 16
+
+
+@dataclass
+class Case:
+    """One benchmarked path at one shape: the callable to time and what it moves / computes."""
+
+    path: str
+    impl: str
+    run: object
+    weight_bytes: int
+    peak: float  # tensor ops/s bound for large M
+    ops_factor: float = 1.0  # tensor ops per MAC for the peak (p*q binary ops for bit-planes)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            n, k = (int(v) for v in item.lower().split("x"))
+        except ValueError as e:
+            raise QtoolError(f"bad shape {item!r}: write N x K as e.g. 4096x11008") from e
+        out.append((n, k))
+    return out
+
+
+def parse_path(path: str) -> tuple[int, int, str | None]:
+    """'w4a16' -> (4, 16, None); 'w2a8:bitplane' -> (2, 8, 'bitplane')."""
+    name, _, impl = path.partition(":")
+    try:
+        w, a = name[1:].split("a")
+        return int(w), int(a), impl or None
+    except ValueError as e:
+        raise QtoolError(f"bad path {path!r}: use fp16, int_mm, or wPaQ such as w4a16, w2a8, w2a2:bitplane") from e
+
+
+def time_us(fn, reps: int = 30, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn(0)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda._sleep(20_000_000)  # ~10 ms of queue ahead of the timed launches
+    for i in range(reps):
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    a = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = time_us(lambda i: b.copy_(a), reps=20)
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(8, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
+
+
+def _random_codes(n, k, bits, gen_dev):
+    return torch.randint(0, 2**bits, (n, k), device=gen_dev)
+
+
+def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | None:
+    """A Case for `path` at (M, N, K), or None where the path does not apply (e.g. _int_mm at M <= 16)."""
+    from qtool import kernels as qk
+
+    dev = x.device
+    if path == "fp16":
+        w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(_copies(2 * n * k))]
+        return Case(path, "torch.matmul", lambda i: x @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
+    if path == "int_mm":
+        if m <= SMALL_M or m % 8 or k % 8 or n % 8:
+            return None
+        xi = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=dev)
+        w = [torch.randint(-128, 127, (k, n), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
+        return Case(path, "torch._int_mm", lambda i: torch._int_mm(xi, w[i % len(w)]), n * k, TENSOR_PEAK["s8"])
+    wbits, abits, impl = parse_path(path)
+    impl = impl or qk.choose(wbits, abits, m, n, k, table={})
+    group = 128
+    scales = torch.rand(n, k // group, device=dev) * 0.01 + 0.001
+    zeros = torch.randint(0, 2**wbits, (n, k // group), device=dev).float()
+    if abits >= 16:
+        ws = [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)]
+        ws += [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group) for _ in range(_copies(ws[0].nbytes) - 1)]
+        impl = "wonly_gemv" if m <= qk.ops.GEMV_MAX_M else "wonly_dequant_mm"
+        return Case(path, impl, lambda i: qk.w_only_gemm(x, ws[i % len(ws)]), ws[0].nbytes, TENSOR_PEAK["f16"])
+    layout = "planes" if impl == "bitplane" else "u8"
+    if layout == "u8" and wbits > 4:
+        return None
+    w0 = qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
+    ws = [w0] + [qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
+                 for _ in range(_copies(w0.nbytes) - 1)]
+    a = qk.quantize_activations(x, abits, w0.segments, layout)
+    run = (lambda i: qk.bitplane_gemm(a, ws[i % len(ws)])) if layout == "planes" else (lambda i: qk.u8_gemm(a, ws[i % len(ws)]))
+    if layout == "planes":
+        return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["b1"], ops_factor=wbits * abits)
+    return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["s8"])
+
+
+def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 30) -> dict:
+    if not torch.cuda.is_available():
+        raise QtoolError("kernel benchmarks need a CUDA GPU: run on the GPU machine")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth()
+    rows, table = [], []
+    csv_path = out_dir / "kernels_bench.csv"
+    fields = ["n", "k", "m", "path", "impl", "us", "tops", "tbps", "roofline_pct", "x_fp16", "x_int_mm"]
+    csv_file = csv_path.open("w", newline="")  # rows are flushed as measured, so a cut-off run keeps them
+    writer = csv.DictWriter(csv_file, fieldnames=fields)
+    writer.writeheader()
+    for n, k in shapes:
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            base = {}
+            todo = list(dict.fromkeys(["fp16", "int_mm", *paths]))
+            if tune:
+                todo += [f"{p.partition(':')[0]}:{impl}" for p in paths if p.startswith("w") and not p.endswith("16")
+                         for impl in ("bitplane", "u8")]
+            for path in dict.fromkeys(todo):
+                case = build_case(path, n, k, m, x)
+                if case is None:
+                    continue
+                us = time_us(case.run, reps=reps)
+                macs = m * n * k
+                small = m <= SMALL_M
+                roof_us = (case.weight_bytes / bw if small else macs * 2 * case.ops_factor / case.peak) * 1e6
+                if path in ("fp16", "int_mm"):
+                    base[path] = us
+                row = dict(n=n, k=k, m=m, path=path, impl=case.impl, us=round(us, 2), tops=round(2 * macs / us / 1e6, 2),
+                           tbps=round(case.weight_bytes / us / 1e6, 3), roofline_pct=round(100 * roof_us / us, 1),
+                           x_fp16=round(base.get("fp16", float("nan")) / us, 2),
+                           x_int_mm=round(base["int_mm"] / us, 2) if "int_mm" in base else "")
+                rows.append(row)
+                writer.writerow(row)
+                csv_file.flush()
+                print(f"{n}x{k} M={m:5d} {path:16s} {case.impl:18s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
+                      f"{row['tbps']:6.3f} TB/s  {row['roofline_pct']:5.1f}% roof  {row['x_fp16']}x fp16", flush=True)
+                if path.startswith("w"):
+                    wb, ab, _ = parse_path(path)
+                    table.append(dict(wbits=wb, abits=ab, m=m, n=n, k=k, path=case.impl, us=round(us, 2)))
+                del case
+            torch.cuda.empty_cache()
+    csv_file.close()
+    result = {"csv": str(csv_path), "png": plot(rows, out_dir / "kernels_bench.png"), "copy_tbps": round(bw / 1e12, 3),
+              "rows": len(rows), "device": torch.cuda.get_device_name()}
+    if tune:
+        from qtool.kernels.chooser import table_path
+
+        tp = table_path()
+        tp.parent.mkdir(parents=True, exist_ok=True)
+        tp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "entries": table}, indent=1))
+        result["table"] = str(tp)
+    result["speedups"] = {f"{r['path']} {r['n']}x{r['k']} M={r['m']}": r["x_int_mm"] if r["m"] > 256 and r["x_int_mm"] != "" else r["x_fp16"]
+                          for r in rows if r["path"] not in ("fp16", "int_mm") and r["m"] in (1, 4096)}
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> str | None:
+    """Speed-up over torch fp16 against M, one panel per shape; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot")
+        return None
+    shapes = list(dict.fromkeys((r["n"], r["k"]) for r in rows))
+    if not shapes:
+        return None
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes):
+        for p in dict.fromkeys(r["path"] for r in rows):
+            pts = [(r["m"], r["x_fp16"]) for r in rows if (r["n"], r["k"], r["path"]) == (n, k, p)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"N x K = {n} x {k}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("speed-up vs torch fp16")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def main(argv=None) -> None:
+    from qtool.bench.cli import app
+
+    app(args=["kernels", *(argv or [])] if argv is not None else None, prog_name="qtool.bench.kernels")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,33 @@
+"""Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references."""
+
+from qtool.kernels.chooser import choose
+from qtool.kernels.ops import (
+    bitplane_gemm,
+    dequantize_weights,
+    lowbit_linear,
+    quantize_activations,
+    u8_gemm,
+    w_only_gemm,
+)
+from qtool.kernels.packing import (
+    LowbitWeights,
+    PackedActivations,
+    WOnlyWeights,
+    pack_lowbit,
+    pack_wonly,
+)
+from qtool.kernels.segments import Segments, make_segments
+
+
+def pack_weights(codes, bits, scales, zeros, group=None, layout="wonly", clusters=None):
+    """Pack [N, K] weight codes for a kernel path: layout 'wonly' (W x A16), 'planes' or 'u8'."""
+    if layout == "wonly":
+        return pack_wonly(codes, bits, scales, zeros, group)
+    return pack_lowbit(codes, bits, scales, zeros, group, clusters, layout)
+
+
+__all__ = [
+    "LowbitWeights", "PackedActivations", "Segments", "WOnlyWeights", "bitplane_gemm", "choose",
+    "dequantize_weights", "lowbit_linear", "make_segments", "pack_lowbit", "pack_weights", "pack_wonly",
+    "quantize_activations", "u8_gemm", "w_only_gemm",
+]

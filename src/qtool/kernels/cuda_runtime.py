@@ -1,0 +1,77 @@
+"""Compiling kernels/cuda/*.cu with CuPy (NVRTC) at run time and launching them on torch's stream.
+
+One compiled module per (source, template instantiation, options) is kept for the process; CuPy also
+caches the compiled binaries on disk, so a second process does not recompile.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtool.errors import QtoolError
+
+SOURCE_DIR = Path(os.environ.get("QTOOL_KERNEL_SRC", Path(__file__).resolve().parents[3] / "kernels" / "cuda"))
+_MODULES: dict = {}  # (source, name_expression, options) -> cupy.RawModule
+
+
+def cupy_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def on_gpu(*tensors) -> bool:
+    """True when every tensor lives on CUDA and CuPy can compile kernels; otherwise use the reference."""
+    return all(t.is_cuda for t in tensors if t is not None) and cupy_available()
+
+
+def _arch_option() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise QtoolError(f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: run on CPU references instead")
+    return f"--gpu-architecture=sm_{major}{minor}"
+
+
+def kernel(source: str, name: str):
+    """The compiled function `name` (a template instantiation such as 'wonly_gemv<4, 1, F16>')."""
+    import cupy
+
+    options = ("--std=c++17", _arch_option())
+    key = (source, name, options)
+    if key not in _MODULES:
+        path = SOURCE_DIR / source
+        if not path.exists():
+            raise QtoolError(f"kernel source {path} not found: run from a qtool checkout or set QTOOL_KERNEL_SRC")
+        _MODULES[key] = cupy.RawModule(code=path.read_text(), options=options, name_expressions=[name])
+    return _MODULES[key].get_function(name)
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream of the tensors' device, so ordering with torch ops holds."""
+    import cupy
+
+    stream = torch.cuda.current_stream()
+    with cupy.cuda.Device(stream.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
+
+
+def type_tag(dtype: torch.dtype) -> str:
+    if dtype == torch.float16:
+        return "F16"
+    if dtype == torch.bfloat16:
+        return "BF16"
+    raise QtoolError(f"kernels take fp16 or bf16 activations, got {dtype}: cast x with .half() or .bfloat16()")

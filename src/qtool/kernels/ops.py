@@ -1,0 +1,174 @@
+"""Public kernel entry points: each runs the CUDA kernel when its tensors are on a GPU and CuPy is
+installed, and the torch reference otherwise (same inputs, same outputs)."""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.errors import QtoolError
+from qtool.kernels import cuda_runtime as rt
+from qtool.kernels import reference as ref
+from qtool.kernels.packing import LowbitWeights, PackedActivations, WOnlyWeights
+from qtool.kernels.segments import Segments
+
+GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
+
+
+def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise QtoolError(f"x must be [M, K={k}], got {tuple(x.shape)}: flatten leading dims with x.reshape(-1, {k})")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise QtoolError(f"x must be a floating tensor, got {x.dtype}")
+    return x.contiguous()
+
+
+def _as_int32(t: torch.Tensor | list | tuple, device) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.int32, device=device).contiguous()
+
+
+def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout: str | None = None) -> PackedActivations:
+    """Per-token (per-cluster) asymmetric `bits`-bit codes of x [M, K], packed in the K order of
+    `segments` (take them from the packed weights: `w.segments`) as bit-planes or u8 bytes."""
+    x = _check_x(x, segments.k)
+    if not 1 <= bits <= 8:
+        raise QtoolError(f"activation bits must be in 1..8, got {bits}")
+    layout = layout or ("planes" if segments.tile == 256 else "u8")
+    if (layout == "planes") != (segments.tile == 256):
+        raise QtoolError(f"layout {layout!r} does not match segments padded to {segments.tile}: quantize with the weights' layout")
+    if not rt.on_gpu(x):
+        return ref.quantize_activations_ref(x, bits, segments, layout)
+    m, dev = x.shape[0], x.device
+    s, c, p = segments.count, len(segments.clusters) - 1, segments.padded
+    if layout == "planes":
+        data = torch.empty(bits, m, p // 32, dtype=torch.int32, device=dev)
+    else:
+        data = torch.empty(m, p, dtype=torch.uint8, device=dev)
+    scale = torch.empty(m, c, dtype=torch.float32, device=dev)
+    zero = torch.empty(m, c, dtype=torch.float32, device=dev)
+    seg_sum = torch.empty(m, s, dtype=torch.int32, device=dev)
+    tables = [_as_int32(segments.clusters, dev), segments.chunk_seg().to(dev), _as_int32(segments.bounds, dev),
+              _as_int32([t * segments.tile for t in segments.ptile], dev), _as_int32(segments.cluster_of, dev)]
+    fn = rt.kernel("quantize_act.cu", f"quantize_act<{'true' if layout == 'planes' else 'false'}, {rt.type_tag(x.dtype)}>")
+    smem = (2 * c + s) * 4
+    if smem > 48 * 1024:
+        raise QtoolError(f"{c} clusters and {s} segments need {smem} B of shared memory (max 48 KiB): use fewer clusters or larger groups")
+    if m:
+        rt.launch(fn, (m,), (256,), (rt.ptr(x), rt.i32(m), rt.i32(segments.k), rt.i32(bits), rt.ptr(tables[0]), rt.i32(c),
+                                     rt.ptr(tables[1]), rt.ptr(tables[2]), rt.ptr(tables[3]), rt.ptr(tables[4]), rt.i32(s), rt.i32(p),
+                                     rt.ptr(data), rt.ptr(scale), rt.ptr(zero), rt.ptr(seg_sum)), shared_mem=smem)
+    return PackedActivations(layout, bits, m, x.dtype, data, scale, zero, seg_sum, segments)
+
+
+def _check_pair(a: PackedActivations, w: LowbitWeights, layout: str) -> None:
+    if w.layout != layout or a.layout != layout:
+        raise QtoolError(f"this GEMM needs '{layout}' weights and activations, got '{w.layout}' and '{a.layout}': pack both with layout='{layout}'")
+    if a.segments != w.segments:
+        raise QtoolError("activations were quantized with other segments than the weights: pass segments=w.segments")
+
+
+def _lowbit_config(m: int, acc_sets: int) -> tuple[int, int, int]:
+    """(WM, WN, KSPLIT): small M splits K over 8 warps; large M uses bigger warp tiles as registers allow."""
+    if m <= 16:
+        return 1, 1, 8
+    frags = max(1, 24 // acc_sets)
+    wm, wn = {1: (1, 1), 2: (1, 2), 3: (1, 2)}.get(frags, (2, 2) if frags < 8 else (2, 4))
+    return wm, wn, 4
+
+
+def _output(m: int, n: int, dtype, device, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise QtoolError(f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return y if out is None else _output(*y.shape, y.dtype, y.device, out).copy_(y)
+
+
+def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: int, wn: int, ksplit: int, out):
+    seg, dev = w.segments, a.data.device
+    y = _output(a.m, w.n, a.dtype, dev, out)
+    if bias is not None:
+        bias = bias.to(device=dev, dtype=a.dtype).contiguous()
+    tile_seg = seg.tile_seg().to(dev)
+    ptile = _as_int32(seg.ptile, dev)
+    cluster_of = _as_int32(seg.cluster_of, dev)
+    fn = rt.kernel("lowbit_gemm.cu", name)
+    grid = (-(-w.n // (8 * wn)), -(-a.m // (16 * wm)))
+    if a.m:
+        rt.launch(fn, grid, (32 * ksplit,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(tile_seg), rt.ptr(a.scale), rt.ptr(a.zero),
+                                              rt.ptr(a.seg_sum), rt.ptr(cluster_of), rt.ptr(w.terms), rt.ptr(ptile),
+                                              rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
+                                              rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
+    return y
+
+
+def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x_hat @ w_hat^T + bias from bit-planes (AND+POPC tensor cores); output in x's dtype."""
+    _check_pair(a, w, "planes")
+    if not rt.on_gpu(a.data, w.data):
+        return _into(ref.bitplane_gemm_ref(a, w, bias), out)
+    wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
+    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+
+
+def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x_hat @ w_hat^T + bias from u8 codes (activations) and nibbles (weights) on IMMA tensor cores."""
+    _check_pair(a, w, "u8")
+    if not rt.on_gpu(a.data, w.data):
+        return _into(ref.u8_gemm_ref(a, w, bias), out)
+    wm, wn, ks = _lowbit_config(a.m, 3)
+    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+
+
+def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize x on the fly and run the GEMM matching the weights' layout."""
+    a = quantize_activations(x, abits, w.segments, w.layout)
+    return bitplane_gemm(a, w, bias) if w.layout == "planes" else u8_gemm(a, w, bias)
+
+
+def _wonly_args(w: WOnlyWeights):
+    gshift = 31 if w.group == w.k else w.group.bit_length() - 1
+    return rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.sz), gshift
+
+
+def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """w_hat [N, K] in dtype (fp16/bf16 on GPU)."""
+    if not rt.on_gpu(w.data):
+        return ref.dequantize_wonly(w).to(dtype)
+    out = torch.empty(w.n, w.k, dtype=dtype, device=w.data.device)
+    d, hi, sz, gshift = _wonly_args(w)
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_dequant<{w.bits}, {rt.type_tag(dtype)}>")
+    total = w.n * w.row_words
+    rt.launch(fn, (-(-total // 256),), (256,), (d, hi, sz, rt.ptr(out), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+                                                rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+    return out
+
+
+def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ w_hat^T + bias for fp16/bf16 x [M, K]: a packed-weight GEMV for M <= 16, else
+    one dequantization to x's dtype followed by torch (cuBLAS) matmul."""
+    x = _check_x(x, w.k)
+    if not rt.on_gpu(x, w.data):
+        return _into(ref.w_only_gemm_ref(x, w, bias), out)
+    tag = rt.type_tag(x.dtype)
+    m = x.shape[0]
+    if bias is not None:
+        bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
+    y = _output(m, w.n, x.dtype, x.device, out)
+    if m > GEMV_MAX_M:
+        torch.matmul(x, dequantize_weights(w, x.dtype).T, out=y)
+        return y.add_(bias) if bias is not None else y
+    if x.data_ptr() % 16:
+        x = x.clone()
+    mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+    d, hi, sz, gshift = _wonly_args(w)
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {mt}, {tag}>")
+    rows_per_block = 16  # 8 warps x 2 rows
+    if m:
+        rt.launch(fn, (-(-w.n // rows_per_block), -(-m // mt)), (256,),
+                  (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+                   rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+    return y

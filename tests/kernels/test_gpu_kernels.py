@@ -1,0 +1,138 @@
+"""GPU: every kernel against its torch reference on fresh random inputs, outputs poisoned with NaN.
+
+Tolerance: kernels write fp16/bf16 and accumulate in fp32 (fp16 products per word in the W-only GEMV);
+references run in float64 on the same packed operands. One output rounding is 2^-11 (fp16) or 2^-8
+(bf16) relative, so we require |y - ref| <= 1e-2 * max|ref| (+ a bf16 allowance) element-wise.
+"""
+
+import pytest
+import torch
+
+from qtool.kernels import bitplane_gemm, pack_lowbit, pack_wonly, quantize_activations, u8_gemm, w_only_gemm
+from qtool.kernels.cuda_runtime import cupy_available
+from qtool.kernels.reference import bitplane_gemm_ref, quantize_activations_ref, u8_gemm_ref, w_only_gemm_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+    pytest.mark.skipif(not cupy_available(), reason="cupy not installed"),
+]
+MS = [1, 3, 16, 77, 256]
+
+
+def _weights(n, k, bits, group, gen):
+    ng = -(-k // (group or k))
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scales = torch.rand(n, ng, generator=gen) * 0.02 + 0.005
+    zeros = torch.randint(0, 2**bits, (n, ng), generator=gen).float()
+    return codes, scales, zeros
+
+
+def _clusters(k, gen):
+    """Irregular RPTQ-like cluster boundaries."""
+    cuts = sorted(set(torch.randint(1, k, (4,), generator=gen).tolist()))
+    return [0, *cuts, k]
+
+
+def _nan_out(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+
+
+def _poison_allocator():
+    """Fill cached device memory with NaN bytes so unwritten kernel outputs show up."""
+    torch.cuda.empty_cache()
+    torch.full((256 << 20,), float("nan"), dtype=torch.float32, device="cuda")
+
+
+def _close(y, expect, rtol=1e-2):
+    assert not torch.isnan(y).any(), "kernel left unwritten (NaN) outputs"
+    e = expect.double()
+    err = (y.double() - e).abs().max().item()
+    scale = e.abs().max().item() + 1e-6
+    assert err <= rtol * scale, f"max err {err:.3g} vs max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("layout", ["planes", "u8"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", MS)
+def test_quantize_activations(layout, bits, m):
+    gen = torch.Generator().manual_seed(bits * 1000 + m)
+    k = 1000
+    w = pack_lowbit(torch.zeros(8, k, dtype=torch.int64), 2, torch.ones(8, 8), torch.zeros(8, 8), 128, _clusters(k, gen), layout)
+    x = (torch.randn(m, k, generator=gen) * 3).half().cuda()
+    _poison_allocator()
+    a = quantize_activations(x, bits, w.segments, layout)
+    r = quantize_activations_ref(x, bits, w.segments, layout)
+    assert torch.equal(a.scale, r.scale) and torch.equal(a.zero, r.zero)
+    ca, cr = a.codes(), r.codes()
+    assert (ca - cr).abs().max() <= 1 and (ca != cr).float().mean() < 1e-3  # only exact .5 ties may differ
+    b = torch.tensor(w.segments.bounds)
+    sums = torch.stack([ca[:, p:q].sum(1) for p, q in zip(b[:-1].tolist(), b[1:].tolist())], 1)
+    assert torch.equal(a.seg_sum.long().cpu(), sums.cpu())
+    if torch.equal(ca, cr):
+        assert torch.equal(a.data, r.data)  # padding and word order too
+
+
+BITPLANE = [(1, 1), (2, 2), (2, 8), (3, 5), (4, 4), (8, 8), (1, 8), (8, 1)]
+
+
+@pytest.mark.parametrize("wbits,abits", BITPLANE)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k,group", [(200, 1000, 128), (77, 4096, None), (1030, 512, 64)])
+def test_bitplane_gemm(wbits, abits, m, n, k, group):
+    _lowbit_case("planes", bitplane_gemm, bitplane_gemm_ref, wbits, abits, m, n, k, group)
+
+
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (4, 8), (3, 4), (3, 3), (2, 8), (1, 3), (4, 3)])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k,group", [(200, 1000, 128), (77, 4096, None), (1030, 512, 32)])
+def test_u8_gemm(wbits, abits, m, n, k, group):
+    _lowbit_case("u8", u8_gemm, u8_gemm_ref, wbits, abits, m, n, k, group)
+
+
+def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
+    gen = torch.Generator().manual_seed(wbits * 97 + abits * 13 + m + n + k)
+    codes, scales, zeros = _weights(n, k, wbits, group, gen)
+    w = pack_lowbit(codes.cuda(), wbits, scales.cuda(), zeros.cuda(), group, _clusters(k, gen), layout)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    bias = torch.randn(n, generator=gen).half().cuda()
+    a = quantize_activations_ref(x, abits, w.segments, layout)
+    y = kernel(a, w, bias, out=_nan_out(m, n, torch.float16))
+    _close(y, reference(a, w, bias, out_dtype=torch.float64, compute_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", [(1000, 352), (77, 4096), (4104, 1024)])
+def test_w_only_gemm(bits, group, m, n, k):
+    if group and k % group:
+        group = 32
+    gen = torch.Generator().manual_seed(bits * 31 + m + n + k + (group or 0))
+    codes, scales, zeros = _weights(n, k, bits, group, gen)
+    w = pack_wonly(codes.cuda(), bits, scales.cuda(), zeros.cuda(), group)
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    bias = torch.randn(n, generator=gen).half().cuda()
+    y = w_only_gemm(x, w, bias, out=_nan_out(m, n, torch.float16))
+    _close(y, w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_w_only_gemm_bf16(bits, m):
+    gen = torch.Generator().manual_seed(bits + m)
+    codes, scales, zeros = _weights(300, 512, bits, 64, gen)
+    w = pack_wonly(codes.cuda(), bits, scales.cuda(), zeros.cuda(), 64)
+    x = torch.randn(m, 512, generator=gen).bfloat16().cuda()
+    y = w_only_gemm(x, w, out=_nan_out(m, 300, torch.bfloat16))
+    _close(y, w_only_gemm_ref(x.double(), w, compute_dtype=torch.float64), rtol=2e-2)
+
+
+def test_lowbit_bf16_output():
+    gen = torch.Generator().manual_seed(5)
+    codes, scales, zeros = _weights(64, 512, 2, 128, gen)
+    w = pack_lowbit(codes.cuda(), 2, scales.cuda(), zeros.cuda(), 128, None, "planes")
+    x = torch.randn(5, 512, generator=gen).bfloat16().cuda()
+    a = quantize_activations(x, 8, w.segments)
+    y = bitplane_gemm(a, w, out=_nan_out(5, 64, torch.bfloat16))
+    _close(y, bitplane_gemm_ref(a, w, out_dtype=torch.float64, compute_dtype=torch.float64), rtol=2e-2)
