@@ -114,6 +114,15 @@ def run(
     _finish({"recipe": recipe, "steps": results}, as_json, table)
 
 
+def _mount_subapps() -> None:
+    from qtool.bench.cli import app as bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_subapps()
+
+
 def main() -> None:
     _quiet_libraries()
     try:

@@ -18,12 +18,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QtoolError(f"device '{name}' asked for but no CUDA GPU is visible; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise QtoolError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise QtoolError(f"device '{name}' asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible; use --device cpu or another index")
+    return device
 
 
 def pick_dtype(name: str) -> torch.dtype:

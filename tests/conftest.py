@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from qtool.models.loading import load_tokenizer, resolve_model
+
+_COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised model of `family` with GQA (2 KV heads) where the family has it."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2, sliding_window=16)).eval()
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
+    if family == "opt":
+        return OPTForCausalLM(OPTConfig(**_COMMON, ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64)).eval()
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real default model, converted once into the qtool cache."""
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, smollm2_tokenizer):
+    """A tiny random llama saved as a model directory, with SmolLM2's tokenizer (vocab sized to fit)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**_COMMON, "vocab_size": len(smollm2_tokenizer)}, intermediate_size=96, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
