@@ -95,6 +95,12 @@ class Stage:
         return self.manifest["fingerprint"] if self.manifest else model_fingerprint(self.path)
 
     @property
+    def spec(self) -> str | None:
+        """The quantization spec this directory's weights were made for (newest stage that set one)."""
+        specs = [h.get("spec") for h in self.manifest["history"] if h.get("spec")] if self.manifest else []
+        return specs[-1] if specs else None
+
+    @property
     def stages(self) -> list[str]:
         """Names of every stage in this directory's history, oldest first."""
         return [h["stage"] for h in self.manifest["history"]] if self.manifest else []
@@ -260,6 +266,21 @@ class BlockJournal:
         tmp = self.dir / f".block-{block:04d}.tmp"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         os.replace(tmp, self._file(block))
+
+    def latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The highest-numbered readable entry (for stages that journal steps, not blocks)."""
+        for path in sorted(self.dir.glob("block-*.safetensors"), reverse=True):
+            index = int(path.stem.split("-")[1])
+            tensors = self.load(index)
+            if tensors is not None:
+                return index, tensors
+        return None
+
+    def prune(self, keep: int) -> None:
+        """Delete every entry but `keep` (a step journal needs only its newest checkpoint)."""
+        for path in self.dir.glob("block-*.safetensors"):
+            if int(path.stem.split("-")[1]) != keep:
+                path.unlink()
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

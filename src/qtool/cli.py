@@ -65,10 +65,45 @@ def calibrate(
     _finish(result, as_json)
 
 
+@app.command("tune-e2e")
+def tune_e2e(
+    model: str = typer.Argument(..., help="A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."),
+    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
+    spec: Optional[str] = typer.Option(None, help="Weight-only spec (e.g. W2A16-g64); default: the stage's own."),
+    data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
+    samples: int = typer.Option(128, min=1, help="Training windows."),
+    seqlen: int = typer.Option(2048, min=2, help="Tokens per window."),
+    seed: int = typer.Option(0, help="Seed of the window sampling and the data order."),
+    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
+    epochs: int = typer.Option(1, min=1),
+    lr: float = typer.Option(2e-5, help="AdamW learning rate of the step sizes."),
+    weight_decay: float = typer.Option(0.0),
+    warmup_ratio: float = typer.Option(0.03, help="Fraction of steps of linear warm-up before the cosine decay."),
+    batch_size: int = typer.Option(1, min=1, help="Windows per micro-batch."),
+    grad_accum: int = typer.Option(8, min=1, help="Micro-batches per optimizer step."),
+    max_grad_norm: float = typer.Option(0.3, help="Gradient clipping norm."),
+    grad_checkpointing: bool = typer.Option(True, help="Recompute block activations in the backward pass."),
+    save_every: int = typer.Option(20, min=1, help="Checkpoint every N optimizer steps (for resume)."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """E2E-QP: train the per-group step sizes end to end (codes and zero points frozen)."""
+    from qtool.tune_e2e import TuneE2EParams
+    from qtool.tune_e2e import tune_e2e as run
+
+    params = TuneE2EParams(model, out, spec, data, samples, seqlen, seed, text_field, epochs, lr, weight_decay,
+                           warmup_ratio, batch_size, grad_accum, max_grad_norm, grad_checkpointing)
+    result = run(params, device, save_every)
+    rows = {k: result[k] for k in ("out", "spec", "steps", "final_loss", "trainable_params", "device", "seconds") if k in result}
+    if "peak_memory_bytes" in result:
+        rows["peak memory"] = f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
+    _finish(result, as_json, _kv_table("qtool tune-e2e", rows))
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
-    spec: str = typer.Option("W16A16", help="Fake-quantize on the fly with this spec (RTN), e.g. W4A16-g128, W4A4."),
+    spec: Optional[str] = typer.Option(None, help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise."),
     data: str = typer.Option("wikitext2-test", help="wikitext2-test, wikitext2-valid, or a .txt/.jsonl file."),
     seqlen: int = typer.Option(2048, min=2, help="Tokens per evaluation window."),
     windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows (default: all)."),

@@ -15,6 +15,7 @@ continues where it stopped. Keys are checked against the stage's parameters befo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import types
@@ -37,15 +38,14 @@ class StepKind:
     writes_stage: bool
 
 
-RUNTIME_KEYS = {"batch_size": int}
-
-
 def _steps() -> dict[str, StepKind]:
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
+    from qtool.tune_e2e import TuneE2EParams, tune_e2e
 
     return {
         "calibrate": StepKind(CalibrateParams, calibrate, True),
+        "tune-e2e": StepKind(TuneE2EParams, tune_e2e, True),
         "eval": StepKind(EvalParams, evaluate, False),
     }
 
@@ -64,6 +64,13 @@ class Recipe:
     model: str
     workdir: Path
     steps: list[Step]
+
+
+def _runtime_options(run: Callable) -> dict:
+    """Options of a stage function that do not change its result (batch size, checkpoint period):
+    its keyword parameters besides `params` and `device`."""
+    hints = typing.get_type_hints(run)
+    return {name: hints[name] for name in inspect.signature(run).parameters if name not in ("params", "device", "return")}
 
 
 def _type_ok(value, hint) -> bool:
@@ -116,19 +123,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise QtoolError(f"{where}.{kind} must be a mapping of options")
         hints = typing.get_type_hints(kinds[kind].params)
         fields = {f.name: hints[f.name] for f in dataclasses.fields(kinds[kind].params) if f.name not in ("model", "out")}
+        runtime_hints = _runtime_options(kinds[kind].run)
         params, runtime = {}, {}
         for key, value in options.items():
-            if key in RUNTIME_KEYS:
-                if not _type_ok(value, RUNTIME_KEYS[key]):
-                    raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(RUNTIME_KEYS[key])}, got {value!r}")
-                runtime[key] = value
-            elif key in fields:
-                if not _type_ok(value, fields[key]):
-                    raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(fields[key])}, got {value!r}")
-                params[key] = value
-            else:
-                known = ", ".join([*fields, *RUNTIME_KEYS])
+            target, hint = (params, fields.get(key)) if key in fields else (runtime, runtime_hints.get(key))
+            if hint is None:
+                known = ", ".join([*fields, *runtime_hints])
                 raise QtoolError(f"{where}.{kind}: unknown key '{key}' (known: {known})")
+            if not _type_ok(value, hint):
+                raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(hint)}, got {value!r}")
+            target[key] = value
         steps.append(Step(kind, params, runtime))
     workdir = Path(raw["workdir"])
     if not workdir.is_absolute():

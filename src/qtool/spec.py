@@ -103,6 +103,11 @@ class QuantSpec:
         return replace(self, **changes)
 
 
+def same_weight_format(a: QuantSpec, b: QuantSpec) -> bool:
+    """True when both specs quantize weights identically (activation and KV parts may differ)."""
+    return (a.w_bits, a.group, a.w_sym, a.bit_balance) == (b.w_bits, b.group, b.w_sym, b.bit_balance)
+
+
 def _default_static(granularity: str) -> bool:
     return granularity != "token"
 

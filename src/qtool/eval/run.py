@@ -10,14 +10,16 @@ from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.models.adapters import adapter_for
 from qtool.quant.fakequant import apply_spec
+from qtool.quant.qparams import stage_qparams
 from qtool.runtime import load, open_source, pick_device, pick_dtype, progress
-from qtool.spec import parse_spec
+from qtool.errors import QtoolError
+from qtool.spec import parse_spec, same_weight_format
 
 
 @dataclass(frozen=True)
 class EvalParams:
     model: str
-    spec: str = "W16A16"
+    spec: str | None = None  # None: the stage's own spec (W16A16 for a float model)
     data: str = "wikitext2-test"
     seqlen: int = 2048
     windows: int | None = None  # None: every window of the split
@@ -32,14 +34,17 @@ class EvalParams:
 
 def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> dict:
     """Perplexity and memory accounting; returns the result as a flat dict."""
-    spec = parse_spec(params.spec)
     source = open_source(params.model)
+    spec = parse_spec(params.spec or source.spec or "W16A16")
     dev = pick_device(device)
     t0 = time.time()
     model, tokenizer = load(source, pick_dtype(params.dtype))
     adapter = adapter_for(model.config)
     stats = source.tensors("calibrate") if source.has_tensors("calibrate") else None
-    apply_spec(model, adapter, spec, stats)
+    qparams = stage_qparams(source)
+    if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
+        raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
+    apply_spec(model, adapter, spec, stats, qparams)
     model.to(dev)
     ids = token_ids(tokenizer, read_text(params.data, params.text_field))
     windows = eval_windows(ids, params.seqlen, params.windows, params.data)

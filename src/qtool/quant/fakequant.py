@@ -14,7 +14,8 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.models.adapters import Adapter
-from qtool.quant.quantizer import fake_quant, fake_quant_per_token, fake_quant_weight, minmax_qparams
+from qtool.quant.qparams import qparam_key
+from qtool.quant.quantizer import dequantize_weight, fake_quant, fake_quant_per_token, fake_quant_weight, minmax_qparams, quantize_weight
 from qtool.spec import QuantSpec
 
 
@@ -57,9 +58,16 @@ class HeadOutputQuantizer:
 
 
 @torch.no_grad()
-def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mapping[str, torch.Tensor] | None = None) -> list:
+def apply_spec(
+    model: nn.Module,
+    adapter: Adapter,
+    spec: QuantSpec,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    qparams: Mapping[str, torch.Tensor] | None = None,
+) -> list:
     """Fake-quantize `model` in place for `spec`; returns the hook handles (remove() undoes hooks,
-    not the weight rounding)."""
+    not the weight rounding). Weights use the stage's learned scales and zeros (`qparams`) when
+    given, round-to-nearest ranges otherwise."""
     if spec.quantizes_activations and spec.a_granularity == "cluster":
         raise QtoolError(f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that")
     if spec.quantizes_activations and spec.a_static and stats is None:
@@ -68,7 +76,11 @@ def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mappi
     handles = []
     for index, block in enumerate(adapter.layers(model)):
         for name, linear in adapter.linears(block).items():
-            if spec.quantizes_weights:
+            if spec.quantizes_weights and qparams is not None:
+                scale, zero = qparams[qparam_key(index, name, "scale")], qparams[qparam_key(index, name, "zero")]
+                codes, _, _ = quantize_weight(linear.weight, spec, scale, zero)
+                linear.weight.copy_(dequantize_weight(codes, scale, zero, spec.group))
+            elif spec.quantizes_weights:
                 linear.weight.copy_(fake_quant_weight(linear.weight, spec))
             if spec.quantizes_activations:
                 static = None

@@ -1,0 +1,43 @@
+"""Learned weight quantization parameters of a stage: one file, one key scheme, for every method.
+
+`qtool-qparams.safetensors` holds, for every block linear, `layers.{i}.{linear}.scale` (fp32
+[N, groups]), `.zero` (fp32, integer-valued, [N, groups]) and `.codes` (uint8 [N, K]). Any stage
+that decides weight quantization (block-wise training, E2E-QP, RTN export) writes it; a child
+stage inherits it until it writes its own. Evaluation and packing read it instead of computing
+fresh round-to-nearest ranges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.checkpoint import Stage
+from qtool.models.adapters import Adapter
+from qtool.quant.quantizer import quantize_weight
+from qtool.spec import QuantSpec
+
+QPARAMS = "qparams"
+
+
+def qparam_key(block: int, linear: str, what: str) -> str:
+    return f"layers.{block}.{linear}.{what}"
+
+
+def stage_qparams(stage: Stage) -> dict[str, torch.Tensor] | None:
+    return stage.tensors(QPARAMS) if stage.has_tensors(QPARAMS) else None
+
+
+@torch.no_grad()
+def model_qparams(model, adapter: Adapter, spec: QuantSpec, stored: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Codes, scales and zeros of every block linear: the stored scales and zeros where given
+    (codes recomputed from the weights with them), round-to-nearest ranges otherwise."""
+    out = {}
+    for index, block in enumerate(adapter.layers(model)):
+        for name, linear in adapter.linears(block).items():
+            key = lambda what: qparam_key(index, name, what)  # noqa: E731
+            scale = zero = None
+            if stored is not None:
+                scale, zero = stored[key("scale")], stored[key("zero")]
+            codes, scale, zero = quantize_weight(linear.weight.float(), spec, scale, zero)
+            out.update({key("codes"): codes, key("scale"): scale.float(), key("zero"): zero.float()})
+    return out
