@@ -63,14 +63,11 @@ def test_quantize_activations(layout, bits, m):
     _poison_allocator()
     a = quantize_activations(x, bits, w.segments, layout)
     r = quantize_activations_ref(x, bits, w.segments, layout)
+    # kernel and reference run the same IEEE fp32 operations (true division, no FMA), so bit-exact
     assert torch.equal(a.scale, r.scale) and torch.equal(a.zero, r.zero)
-    ca, cr = a.codes(), r.codes()
-    assert (ca - cr).abs().max() <= 1 and (ca != cr).float().mean() < 1e-3  # only exact .5 ties may differ
-    b = torch.tensor(w.segments.bounds)
-    sums = torch.stack([ca[:, p:q].sum(1) for p, q in zip(b[:-1].tolist(), b[1:].tolist())], 1)
-    assert torch.equal(a.seg_sum.long().cpu(), sums.cpu())
-    if torch.equal(ca, cr):
-        assert torch.equal(a.data, r.data)  # padding and word order too
+    assert torch.equal(a.codes(), r.codes())
+    assert torch.equal(a.seg_sum, r.seg_sum)
+    assert torch.equal(a.data, r.data)  # padding and word order too
 
 
 BITPLANE = [(1, 1), (2, 2), (2, 8), (3, 5), (4, 4), (8, 8), (1, 8), (8, 1)]
