@@ -75,7 +75,8 @@ __device__ __forceinline__ void reduce_store(float (&out)[WM][WN][4], int m0, in
   }
 }
 
-// The tiles [t_begin, t_end) of one warp in a KSPLIT-way split of all padded tiles.
+// The tiles [t_begin, t_end) of one warp in a KSPLIT-way split of the segments' tiles. Pass
+// seg_ptile[S], not ntiles: the u8 layout's alignment tail (tile_seg == -1) must never be visited.
 __device__ __forceinline__ void warp_tile_range(int ntiles, int& t_begin, int& t_end) {
   const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   t_begin = (int)((long long)ntiles * warp / nw);
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(KSPLIT * 32) bitplane_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
   int t, t_end;
-  warp_tile_range(ntiles, t, t_end);
+  warp_tile_range(seg_ptile[S], t, t_end);
   while (t < t_end) {
     const int seg = tile_seg[t];
     const bool first = t == ep.seg_ptile[seg];
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(KSPLIT * 32) u8_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
   int t, t_end;
-  warp_tile_range(ntiles, t, t_end);
+  warp_tile_range(seg_ptile[S], t, t_end);
   while (t < t_end) {
     const int seg = tile_seg[t];
     const bool first = t == ep.seg_ptile[seg];
