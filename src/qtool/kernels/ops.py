@@ -12,6 +12,7 @@ from qtool.kernels.packing import LowbitWeights, PackedActivations, WOnlyWeights
 from qtool.kernels.segments import Segments
 
 GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
+GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu
 
 
 def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -163,12 +164,11 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
         return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
-    mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+    nt, m16 = (1, "false") if m <= 8 else (2, "true")  # rows gid + 8 in use: two n-tiles share x loads
     d, hi, sz, gshift = _wonly_args(w)
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {mt}, {tag}>")
-    rows_per_block = 16  # 8 warps x 2 rows
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {tag}>")
     if m:
-        rt.launch(fn, (-(-w.n // rows_per_block), -(-m // mt)), (256,),
+        rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
                   (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
                    rt.i32(w.sz.shape[1]), rt.i32(gshift)))
     return y
