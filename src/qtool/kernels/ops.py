@@ -3,6 +3,8 @@ installed, and the torch reference otherwise (same inputs, same outputs)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qtool.errors import QtoolError
@@ -27,6 +29,16 @@ def _as_int32(t: torch.Tensor | list | tuple, device) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.int32, device=device).contiguous()
 
 
+@functools.lru_cache(maxsize=256)
+def _seg_tables(seg: Segments, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Device copies of a layout's segment tables, made once: a per-call host-to-device copy would
+    synchronize the host with the stream and cost more than the kernels themselves.
+    (clusters, chunk_seg, bounds, padded starts, cluster_of, tile_seg, ptile), int32."""
+    return (_as_int32(seg.clusters, device), seg.chunk_seg().to(device), _as_int32(seg.bounds, device),
+            _as_int32([t * seg.tile for t in seg.ptile], device), _as_int32(seg.cluster_of, device),
+            seg.tile_seg().to(device), _as_int32(seg.ptile, device))
+
+
 def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout: str | None = None) -> PackedActivations:
     """Per-token (per-cluster) asymmetric `bits`-bit codes of x [M, K], packed in the K order of
     `segments` (take them from the packed weights: `w.segments`) as bit-planes or u8 bytes."""
@@ -47,8 +59,7 @@ def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout:
     scale = torch.empty(m, c, dtype=torch.float32, device=dev)
     zero = torch.empty(m, c, dtype=torch.float32, device=dev)
     seg_sum = torch.empty(m, s, dtype=torch.int32, device=dev)
-    tables = [_as_int32(segments.clusters, dev), segments.chunk_seg().to(dev), _as_int32(segments.bounds, dev),
-              _as_int32([t * segments.tile for t in segments.ptile], dev), _as_int32(segments.cluster_of, dev)]
+    tables = _seg_tables(segments, dev)
     fn = rt.kernel("quantize_act.cu", f"quantize_act<{'true' if layout == 'planes' else 'false'}, {rt.type_tag(x.dtype)}>")
     smem = (2 * c + s) * 4
     if smem > 48 * 1024:
@@ -93,9 +104,8 @@ def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: 
     y = _output(a.m, w.n, a.dtype, dev, out)
     if bias is not None:
         bias = bias.to(device=dev, dtype=a.dtype).contiguous()
-    tile_seg = seg.tile_seg().to(dev)
-    ptile = _as_int32(seg.ptile, dev)
-    cluster_of = _as_int32(seg.cluster_of, dev)
+    t = _seg_tables(seg, dev)
+    tile_seg, cluster_of, ptile = t[5], t[4], t[6]
     fn = rt.kernel("lowbit_gemm.cu", name)
     grid = (-(-w.n // (8 * wn)), -(-a.m // (16 * wm)))
     if a.m:
