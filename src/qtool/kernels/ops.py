@@ -121,8 +121,27 @@ def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | N
     _check_pair(a, w, "planes")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.bitplane_gemm_ref(a, w, bias), out)
+    if a.m <= GEMV_MAX_M:
+        return _bitplane_gemv(a, w, bias, out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
     return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+
+
+def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
+    """Decode-sized M: AND+POPC on CUDA cores, a warp per output row (bandwidth-bound on the planes)."""
+    seg, dev = w.segments, a.data.device
+    y = _output(a.m, w.n, a.dtype, dev, out)
+    if bias is not None:
+        bias = bias.to(device=dev, dtype=a.dtype).contiguous()
+    t = _seg_tables(seg, dev)
+    mt = 1 if a.m <= 1 else 4 if a.m <= 4 else 16
+    fn = rt.kernel("lowbit_gemm.cu", f"bitplane_gemv<{w.bits}, {a.bits}, {mt}, {rt.type_tag(a.dtype)}>")
+    if a.m:
+        rt.launch(fn, (-(-w.n // 4),), (128,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(t[5]), rt.ptr(a.scale), rt.ptr(a.zero),
+                                                rt.ptr(a.seg_sum), rt.ptr(t[4]), rt.ptr(w.terms), rt.ptr(t[6]), rt.ptr(t[2]),
+                                                rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
+                                                rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
+    return y
 
 
 def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
