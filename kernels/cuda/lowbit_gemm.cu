@@ -75,7 +75,8 @@ __device__ __forceinline__ void reduce_store(float (&out)[WM][WN][4], int m0, in
   }
 }
 
-// The tiles [t_begin, t_end) of one warp in a KSPLIT-way split of all padded tiles.
+// The tiles [t_begin, t_end) of one warp in a KSPLIT-way split of the segments' tiles. Pass
+// seg_ptile[S], not ntiles: the u8 layout's alignment tail (tile_seg == -1) must never be visited.
 __device__ __forceinline__ void warp_tile_range(int ntiles, int& t_begin, int& t_end) {
   const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   t_begin = (int)((long long)ntiles * warp / nw);
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(KSPLIT * 32) bitplane_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
   int t, t_end;
-  warp_tile_range(ntiles, t, t_end);
+  warp_tile_range(seg_ptile[S], t, t_end);
   while (t < t_end) {
     const int seg = tile_seg[t];
     const bool first = t == ep.seg_ptile[seg];
@@ -162,6 +163,57 @@ __global__ void __launch_bounds__(KSPLIT * 32) bitplane_gemm(
   reduce_store<WM, WN, KSPLIT, T>(out, m0, n0, M, N, bias, y);
 }
 
+// Decode (M <= MT <= 16) bit-plane GEMV on CUDA cores: one warp per output row n, lanes over the
+// 32-bit words of the padded K axis, dot = sum_{i,j} 2^(i+j) popc(X_j & W_i) per word, epilogue per
+// word (it is linear in dot; a segment's constants go with its first word). An mma tile would waste
+// 15/16 of its rows here. Words wholly in a segment's tile padding are zero in both operands and are
+// skipped, so no bandwidth is spent on padding (stored slot s of a tile holds logical word (s&1)*4 + s/2).
+template <int P, int Q, int MT, class T>
+__global__ void __launch_bounds__(128) bitplane_gemv(
+    const u32* __restrict__ xp, const u32* __restrict__ wp, const int* __restrict__ tile_seg,
+    const float* sx, const float* zx, const int* sumx, const int* seg_cluster, const float* wterms,
+    const int* seg_ptile, const int* __restrict__ seg_k, int M, int N, int C, int S,
+    const u16* __restrict__ bias, u16* __restrict__ y, int ntiles) {
+  const Epilogue ep{sx, zx, sumx, seg_cluster, wterms, seg_ptile, M, N, C, S};
+  const int lane = threadIdx.x & 31, n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const size_t words = (size_t)ntiles * 8;
+  const int nw = seg_ptile[S] * 8;
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+#pragma unroll 4
+  for (int wd = lane; wd < nw; wd += 32) {
+    const int t = wd >> 3, seg = __ldg(tile_seg + t), first_word = __ldg(seg_ptile + seg) * 8;
+    const int logical = (wd - first_word) & ~7 | ((wd & 1) * 4 + ((wd & 7) >> 1));
+    if (logical * 32 >= __ldg(seg_k + seg + 1) - __ldg(seg_k + seg)) continue;
+    u32 wv[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) wv[i] = __ldg(wp + ((size_t)i * N + n) * words + wd);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= M) break;
+      int dot = 0;
+#pragma unroll
+      for (int j = 0; j < Q; ++j) {
+        const u32 xw = __ldg(xp + ((size_t)j * M + m) * words + wd);
+        int dj = 0;
+#pragma unroll
+        for (int i = 0; i < P; ++i) dj += __popc(xw & wv[i]) << i;
+        dot += dj << j;
+      }
+      acc[m] += ep.term(m, n, seg, (float)dot, wd == first_word);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    float v = acc[m];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && m < M) y[(size_t)m * N + n] = Cvt<T>::store(v + (bias ? Cvt<T>::load(bias[n]) : 0.f));
+  }
+}
+
 // u8 codes: xa[m][k] bytes, per 32-code tile the 4-byte words stored in the order 0,4,1,5,2,6,3,7.
 // Weights: one word per (n, tile, tig) whose byte i holds code k=4*tig+i (low nibble) and
 // k=16+4*tig+i (high nibble): the two B fragment registers are (w & 0x0f0f0f0f, (w >> 4) & ...).
@@ -183,7 +235,7 @@ __global__ void __launch_bounds__(KSPLIT * 32) u8_gemm(
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[wm][wn][e] = 0.f;
   int t, t_end;
-  warp_tile_range(ntiles, t, t_end);
+  warp_tile_range(seg_ptile[S], t, t_end);
   while (t < t_end) {
     const int seg = tile_seg[t];
     const bool first = t == ep.seg_ptile[seg];
@@ -230,6 +282,8 @@ __global__ void __launch_bounds__(KSPLIT * 32) u8_gemm(
 }
 
 #ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
+template __global__ void bitplane_gemv<2, 8, 1, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void bitplane_gemv<3, 5, 16, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void bitplane_gemm<2, 8, 1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void bitplane_gemm<2, 2, 2, 4, 4, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void u8_gemm<1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);

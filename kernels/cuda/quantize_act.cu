@@ -46,8 +46,10 @@ __global__ void __launch_bounds__(256) quantize_act(
       hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
     if (lane == 0) {
-      const float s = fmaxf((hi - lo) / qmax, 1e-8f);
-      const float z = fminf(fmaxf(rintf(-lo / s), 0.f), qmax);
+      // explicit round-to-nearest ops (no contraction, no reciprocal): the torch reference
+      // (quantize_codes) performs the same IEEE fp32 operations, so scales and codes match bit for bit
+      const float s = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
+      const float z = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.f), qmax);
       s_scale[c] = s; s_zero[c] = z;
       scale[(size_t)m * C + c] = s; zero[(size_t)m * C + c] = z;
     }
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(256) quantize_act(
       const int k = seg_k[seg] + (p - seg_p[seg]);
       if (k < seg_k[seg + 1]) {
         const int cl = seg_cluster[seg];
-        const float q = rintf(Cvt<T>::load(xr[k]) / s_scale[cl]) + s_zero[cl];
+        const float q = __fadd_rn(rintf(__fdiv_rn(Cvt<T>::load(xr[k]), s_scale[cl])), s_zero[cl]);
         code = (u32)fminf(fmaxf(q, 0.f), qmax);
       }
     }

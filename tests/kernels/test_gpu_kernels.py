@@ -1,6 +1,7 @@
 """GPU: every kernel against its torch reference on fresh random inputs, outputs poisoned with NaN.
 
-Tolerance: kernels write fp16/bf16 and accumulate in fp32 (fp16 products per word in the W-only GEMV);
+Tolerance: kernels write fp16/bf16 and accumulate in fp32 (the W-only GEMV's weights are dequantized to
+the activation type before its fp32-accumulating mma);
 references run in float64 on the same packed operands. One output rounding is 2^-11 (fp16) or 2^-8
 (bf16) relative, so we require |y - ref| <= 1e-2 * max|ref| (+ a bf16 allowance) element-wise.
 """
@@ -63,14 +64,11 @@ def test_quantize_activations(layout, bits, m):
     _poison_allocator()
     a = quantize_activations(x, bits, w.segments, layout)
     r = quantize_activations_ref(x, bits, w.segments, layout)
+    # kernel and reference run the same IEEE fp32 operations (true division, no FMA), so bit-exact
     assert torch.equal(a.scale, r.scale) and torch.equal(a.zero, r.zero)
-    ca, cr = a.codes(), r.codes()
-    assert (ca - cr).abs().max() <= 1 and (ca != cr).float().mean() < 1e-3  # only exact .5 ties may differ
-    b = torch.tensor(w.segments.bounds)
-    sums = torch.stack([ca[:, p:q].sum(1) for p, q in zip(b[:-1].tolist(), b[1:].tolist())], 1)
-    assert torch.equal(a.seg_sum.long().cpu(), sums.cpu())
-    if torch.equal(ca, cr):
-        assert torch.equal(a.data, r.data)  # padding and word order too
+    assert torch.equal(a.codes(), r.codes())
+    assert torch.equal(a.seg_sum, r.seg_sum)
+    assert torch.equal(a.data, r.data)  # padding and word order too
 
 
 BITPLANE = [(1, 1), (2, 2), (2, 8), (3, 5), (4, 4), (8, 8), (1, 8), (8, 1)]
@@ -103,7 +101,7 @@ def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
-@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("m", [*MS, 9])  # 9: the GEMV's second mma row half partly used
 @pytest.mark.parametrize("n,k", [(1000, 352), (77, 4096), (4104, 1024)])
 def test_w_only_gemm(bits, group, m, n, k):
     if group and k % group:

@@ -3,6 +3,8 @@ installed, and the torch reference otherwise (same inputs, same outputs)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qtool.errors import QtoolError
@@ -12,6 +14,7 @@ from qtool.kernels.packing import LowbitWeights, PackedActivations, WOnlyWeights
 from qtool.kernels.segments import Segments
 
 GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
+GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu
 
 
 def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,6 +27,16 @@ def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _as_int32(t: torch.Tensor | list | tuple, device) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.int32, device=device).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _seg_tables(seg: Segments, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Device copies of a layout's segment tables, made once: a per-call host-to-device copy would
+    synchronize the host with the stream and cost more than the kernels themselves.
+    (clusters, chunk_seg, bounds, padded starts, cluster_of, tile_seg, ptile), int32."""
+    return (_as_int32(seg.clusters, device), seg.chunk_seg().to(device), _as_int32(seg.bounds, device),
+            _as_int32([t * seg.tile for t in seg.ptile], device), _as_int32(seg.cluster_of, device),
+            seg.tile_seg().to(device), _as_int32(seg.ptile, device))
 
 
 def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout: str | None = None) -> PackedActivations:
@@ -46,8 +59,7 @@ def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout:
     scale = torch.empty(m, c, dtype=torch.float32, device=dev)
     zero = torch.empty(m, c, dtype=torch.float32, device=dev)
     seg_sum = torch.empty(m, s, dtype=torch.int32, device=dev)
-    tables = [_as_int32(segments.clusters, dev), segments.chunk_seg().to(dev), _as_int32(segments.bounds, dev),
-              _as_int32([t * segments.tile for t in segments.ptile], dev), _as_int32(segments.cluster_of, dev)]
+    tables = _seg_tables(segments, dev)
     fn = rt.kernel("quantize_act.cu", f"quantize_act<{'true' if layout == 'planes' else 'false'}, {rt.type_tag(x.dtype)}>")
     smem = (2 * c + s) * 4
     if smem > 48 * 1024:
@@ -92,9 +104,8 @@ def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: 
     y = _output(a.m, w.n, a.dtype, dev, out)
     if bias is not None:
         bias = bias.to(device=dev, dtype=a.dtype).contiguous()
-    tile_seg = seg.tile_seg().to(dev)
-    ptile = _as_int32(seg.ptile, dev)
-    cluster_of = _as_int32(seg.cluster_of, dev)
+    t = _seg_tables(seg, dev)
+    tile_seg, cluster_of, ptile = t[5], t[4], t[6]
     fn = rt.kernel("lowbit_gemm.cu", name)
     grid = (-(-w.n // (8 * wn)), -(-a.m // (16 * wm)))
     if a.m:
@@ -110,8 +121,27 @@ def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | N
     _check_pair(a, w, "planes")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.bitplane_gemm_ref(a, w, bias), out)
+    if a.m <= GEMV_MAX_M:
+        return _bitplane_gemv(a, w, bias, out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
     return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+
+
+def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
+    """Decode-sized M: AND+POPC on CUDA cores, a warp per output row (bandwidth-bound on the planes)."""
+    seg, dev = w.segments, a.data.device
+    y = _output(a.m, w.n, a.dtype, dev, out)
+    if bias is not None:
+        bias = bias.to(device=dev, dtype=a.dtype).contiguous()
+    t = _seg_tables(seg, dev)
+    mt = 1 if a.m <= 1 else 4 if a.m <= 4 else 16
+    fn = rt.kernel("lowbit_gemm.cu", f"bitplane_gemv<{w.bits}, {a.bits}, {mt}, {rt.type_tag(a.dtype)}>")
+    if a.m:
+        rt.launch(fn, (-(-w.n // 4),), (128,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(t[5]), rt.ptr(a.scale), rt.ptr(a.zero),
+                                                rt.ptr(a.seg_sum), rt.ptr(t[4]), rt.ptr(w.terms), rt.ptr(t[6]), rt.ptr(t[2]),
+                                                rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
+                                                rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
+    return y
 
 
 def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,12 +193,11 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
         return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
-    mt = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+    nt, m16 = (1, "false") if m <= 8 else (2, "true")  # rows gid + 8 in use: two n-tiles share x loads
     d, hi, sz, gshift = _wonly_args(w)
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {mt}, {tag}>")
-    rows_per_block = 16  # 8 warps x 2 rows
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {tag}>")
     if m:
-        rt.launch(fn, (-(-w.n // rows_per_block), -(-m // mt)), (256,),
+        rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
                   (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
                    rt.i32(w.sz.shape[1]), rt.i32(gshift)))
     return y

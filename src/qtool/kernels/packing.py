@@ -107,8 +107,8 @@ def pack_wonly(codes, bits: int, scales, zeros, group: int | None) -> WOnlyWeigh
     z = zeros.to(torch.float32)
     if z.numel() and (bool((z != z.round()).any()) or float(z.min()) < 0 or float(z.max()) > 2**bits - 1):
         raise QtoolError(f"zeros must be integers in [0, {2**bits - 1}]: round the zero points before packing")
-    chunk = 64 if bits == 3 else 4 * (32 // bits)  # codes per 16-byte load
-    row_words = -(-k // chunk) * 4
+    kblock = 16 * (16 if bits == 3 else 32 // bits)  # codes per GEMV k-block: 4 lanes x 16 B of data words
+    row_words = -(-k // kblock) * 16
     if bits == 3:
         data, hi = pack_interleaved(c & 3, 2, row_words), pack_interleaved(c >> 2, 1, row_words // 2)
     else:

@@ -27,7 +27,9 @@ def quantize_codes(x: torch.Tensor, bits: int, seg: Segments):
     for a, b in zip(seg.clusters[:-1], seg.clusters[1:]):
         part = xf[:, a:b]
         lo, hi = part.amin(1, keepdim=True), part.amax(1, keepdim=True)
-        s = ((hi - lo) / qmax).clamp_min(1e-8)
+        # divide by a tensor, not a Python scalar: CUDA torch turns `t / scalar` into `t * (1/scalar)`,
+        # which is an ulp off the kernel's IEEE division (__fdiv_rn) for some inputs
+        s = ((hi - lo) / torch.full_like(hi, qmax)).clamp_min(1e-8)
         z = torch.round(-lo / s).clamp(0, qmax)
         codes.append((torch.round(part / s) + z).clamp(0, qmax))
         scales.append(s)
