@@ -8,13 +8,16 @@ with a fixed seed from any text: the bundled valid split (disjoint from test), a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qtool.errors import QtoolError
-from qtool.paths import repo_data_dir
+from qtool.paths import cache_dir, repo_data_dir
 
 BUNDLED = {
     "wikitext2-test": "wikitext-2-raw/wiki.test.raw",
@@ -65,9 +68,28 @@ def read_text(source: str, text_field: str = "text") -> str:
     return text
 
 
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}:{identity}".encode()).hexdigest()[:16]
+
+
 def token_ids(tokenizer, text: str) -> torch.Tensor:
-    """The whole text tokenized once, as the literature does (special tokens as the tokenizer adds them)."""
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    """The whole text tokenized once, as the literature does (special tokens as the tokenizer adds
+    them). Results are cached on disk by tokenizer and text, since a split takes seconds to encode."""
+    key = f"{_tokenizer_digest(tokenizer)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    path = cache_dir() / "tokens" / f"{key}.npy"
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False)).long()
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is simply rebuilt
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, ids.numpy().astype(np.int32 if ids.max() < 2**31 else np.int64))
+    os.replace(tmp, path)
+    return ids
 
 
 def _need(ids: torch.Tensor, seqlen: int, source: str) -> None:

@@ -111,7 +111,12 @@ def tune_e2e(params: TuneE2EParams, device: str = "auto", save_every: int = 20) 
     modules = install_step_size_linears(model, adapter, start, spec.group)
     model.to(dev)
     if params.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed the switch in 5.2x; either recomputes each block in the backward pass
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     scales = [m.scale for m in modules]
