@@ -193,7 +193,8 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
         return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
-    nt, m16 = (1, "false") if m <= 8 else (2, "true")  # rows gid + 8 in use: two n-tiles share x loads
+    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
+    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
     d, hi, sz, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {tag}>")
     if m:
