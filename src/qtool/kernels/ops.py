@@ -149,6 +149,8 @@ def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = 
     _check_pair(a, w, "u8")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.u8_gemm_ref(a, w, bias), out)
+    if a.m > GEMV_MAX_M:  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
+        return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, 4, 8, 4, out)
     wm, wn, ks = _lowbit_config(a.m, 3)
     return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
 
