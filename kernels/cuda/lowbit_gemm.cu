@@ -281,11 +281,162 @@ __global__ void __launch_bounds__(KSPLIT * 32) u8_gemm(
   reduce_store<WM, WN, KSPLIT, T>(out, m0, n0, M, N, bias, y);
 }
 
+// ---- u8 tiled GEMM for M > 16 ---------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(u32* smem, const u32* g, bool ok) {  // zero-fills when !ok
+  u32 s;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(g), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+// Exact int -> float for 0 <= v < 2^22 with one IADD + FADD (I2F runs at quarter rate).
+__device__ __forceinline__ float small_i2f(int v) { return __int_as_float(v + 0x4B400000) - 12582912.f; }
+
+const int U8T_BM = 64, U8T_BN = 64, U8T_TILES = 4, U8T_STAGES = 3;  // CTA tile, k-tiles per stage, stages
+const int U8T_AW = 40, U8T_BW = 20;  // smem row strides in words: 160 B / 80 B rows make fragment reads bank-conflict free
+const int U8T_FLUSH = 32;            // tiles per int32 run: 32 tiles * 32 codes * 15 * 255 < 2^22
+
+// A 64x64 output tile per CTA of 4 warps (2 x 2 warp tiles of 32 x 32), all of K: stages of 4 k-tiles
+// (128 codes) of activations and weights are copied to shared memory with cp.async, 3 stages in flight.
+// Fragments are read with LDS.64 (A: words tig, 4+tig of the stored order) and LDS.32 (B nibble word).
+// The int32 dot is converted and scaled (Xa*Wa) whenever the segment changes or every 32 tiles; the
+// segment's constant terms are added when it ends (the CTA sees every tile, so exactly once).
+template <class T>
+__global__ void __launch_bounds__(128) u8_gemm_tiled(
+    const u32* __restrict__ xa, const u32* __restrict__ wn4, const int* __restrict__ tile_seg,
+    const float* __restrict__ sx, const float* __restrict__ zx, const int* __restrict__ sumx,
+    const int* __restrict__ seg_cluster, const float* __restrict__ wterms, const int* __restrict__ seg_ptile,
+    int M, int N, int C, int S, const u16* __restrict__ bias, u16* __restrict__ y, int ntiles) {
+  __shared__ __align__(16) u32 As[U8T_STAGES][U8T_BM * U8T_AW];
+  __shared__ __align__(16) u32 Bs[U8T_STAGES][U8T_BN * U8T_BW];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.y * U8T_BM, n0 = blockIdx.x * U8T_BN, wm0 = (warp >> 1) * 32, wn0 = (warp & 1) * 32;
+  const size_t words = (size_t)ntiles * 8;
+  const int tend = seg_ptile[S], nst = (tend + U8T_TILES - 1) / U8T_TILES;  // ntiles % 4 == 0: whole stages stay in bounds
+
+  auto load_stage = [&](int buf, int st) {
+    const int t0 = st * U8T_TILES;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // A: 64 rows x 8 chunks of 16 B
+      const int idx = tid + i * 128, row = idx >> 3, ch = idx & 7, r = m0 + row;
+      cp_async16(&As[buf][row * U8T_AW + ch * 4], xa + (size_t)min(r, M - 1) * words + (size_t)t0 * 8 + ch * 4, r < M);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // B: 64 rows x 4 tiles of 16 B
+      const int idx = tid + i * 128, row = idx >> 2, ch = idx & 3, c = n0 + row;
+      cp_async16(&Bs[buf][row * U8T_BW + ch * 4], wn4 + ((size_t)min(c, N - 1) * ntiles + t0 + ch) * 4, c < N);
+    }
+  };
+
+  int acc[2][4][4];
+  float out[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) { acc[i][j][e] = 0; out[i][j][e] = 0.f; }
+
+  // rows (wm, h) and columns (wn, e & 1) of this lane's accumulators
+  auto flush = [&](int seg, bool fin) {
+    const int cl = __ldg(seg_cluster + seg);
+    float ar[2][2], xb[2][2], xc[2][2], wa[4][2], wb[4][2], wc[4][2];
+#pragma unroll
+    for (int wm = 0; wm < 2; ++wm)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + wm0 + wm * 16 + gid + 8 * h;
+        const bool ok = r < M;
+        ar[wm][h] = ok ? __ldg(sx + (size_t)r * C + cl) : 0.f;
+        xb[wm][h] = fin && ok ? ar[wm][h] * (float)__ldg(sumx + (size_t)r * S + seg) : 0.f;
+        xc[wm][h] = fin && ok ? ar[wm][h] * __ldg(zx + (size_t)r * C + cl) : 0.f;
+      }
+#pragma unroll
+    for (int wn = 0; wn < 4; ++wn)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = n0 + wn0 + wn * 8 + tig * 2 + e;
+        const bool ok = c < N;
+        wa[wn][e] = ok ? __ldg(wterms + (size_t)seg * N + c) : 0.f;
+        wb[wn][e] = fin && ok ? __ldg(wterms + ((size_t)S + seg) * N + c) : 0.f;
+        wc[wn][e] = fin && ok ? __ldg(wterms + ((size_t)2 * S + seg) * N + c) : 0.f;
+      }
+#pragma unroll
+    for (int wm = 0; wm < 2; ++wm)
+#pragma unroll
+      for (int wn = 0; wn < 4; ++wn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, ce = e & 1;
+          float v = fmaf(ar[wm][h] * wa[wn][ce], small_i2f(acc[wm][wn][e]), out[wm][wn][e]);
+          if (fin) v -= xb[wm][h] * wb[wn][ce] + xc[wm][h] * wc[wn][ce];
+          out[wm][wn][e] = v;
+          acc[wm][wn][e] = 0;
+        }
+  };
+
+#pragma unroll
+  for (int st = 0; st < U8T_STAGES - 1; ++st) {
+    if (st < nst) load_stage(st, st);
+    cp_async_commit();
+  }
+  int cur = -1, run = 0;  // segment held in acc, tiles accumulated since its last conversion
+  for (int kt = 0; kt < nst; ++kt) {
+    cp_async_wait<U8T_STAGES - 2>();
+    __syncthreads();  // stage kt landed for all threads; buffer (kt - 1) % STAGES is free again
+    if (kt + U8T_STAGES - 1 < nst) load_stage((kt + U8T_STAGES - 1) % U8T_STAGES, kt + U8T_STAGES - 1);
+    cp_async_commit();
+    const u32* as = As[kt % U8T_STAGES];
+    const u32* bs = Bs[kt % U8T_STAGES];
+#pragma unroll
+    for (int j = 0; j < U8T_TILES; ++j) {
+      const int t = kt * U8T_TILES + j;
+      if (t >= tend) break;
+      const int seg = __ldg(tile_seg + t);
+      if (seg != cur || run == U8T_FLUSH) {
+        if (cur >= 0) flush(cur, seg != cur);
+        cur = seg;
+        run = 0;
+      }
+      ++run;
+      u32 a[2][4], b[4][2];
+#pragma unroll
+      for (int wm = 0; wm < 2; ++wm)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint2 v = *reinterpret_cast<const uint2*>(as + (wm0 + wm * 16 + gid + 8 * h) * U8T_AW + j * 8 + tig * 2);
+          a[wm][h] = v.x; a[wm][2 + h] = v.y;
+        }
+#pragma unroll
+      for (int wn = 0; wn < 4; ++wn) {
+        const u32 v = bs[(wn0 + wn * 8 + gid) * U8T_BW + j * 4 + tig];
+        b[wn][0] = v & 0x0f0f0f0fu; b[wn][1] = (v >> 4) & 0x0f0f0f0fu;
+      }
+#pragma unroll
+      for (int wm = 0; wm < 2; ++wm)
+#pragma unroll
+        for (int wn = 0; wn < 4; ++wn) mma_u8(acc[wm][wn], a[wm], b[wn]);
+    }
+  }
+  cp_async_wait<0>();
+  if (cur >= 0) flush(cur, true);
+#pragma unroll
+  for (int wm = 0; wm < 2; ++wm)
+#pragma unroll
+    for (int wn = 0; wn < 4; ++wn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = m0 + wm0 + wm * 16 + gid + 8 * (e >> 1), c = n0 + wn0 + wn * 8 + tig * 2 + (e & 1);
+        if (r < M && c < N) y[(size_t)r * N + c] = Cvt<T>::store(out[wm][wn][e] + (bias ? Cvt<T>::load(bias[c]) : 0.f));
+      }
+}
+
 #ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
 template __global__ void bitplane_gemv<2, 8, 1, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void bitplane_gemv<3, 5, 16, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void bitplane_gemm<2, 8, 1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void bitplane_gemm<2, 2, 2, 4, 4, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
 template __global__ void u8_gemm<1, 1, 8, F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
-template __global__ void u8_gemm<2, 4, 4, BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void u8_gemm_tiled<F16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
+template __global__ void u8_gemm_tiled<BF16>(const u32*, const u32*, const int*, const float*, const float*, const int*, const int*, const float*, const int*, int, int, int, int, const u16*, u16*, int);
 #endif

@@ -42,13 +42,6 @@ __device__ __forceinline__ u32 pair_codes3(u32 lo, u32 hi, int j, int hj) {
   return lop_and_or(hs, 0x00040004u, pair_codes<2>(lo, j));
 }
 
-// 16-byte streaming load of packed weights: read once, so keep them out of L1.
-__device__ __forceinline__ uint4 ld_stream(const u32* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 // B-operand pairs (q - z) * s in the activation type, from half2(1024 + q) codes. One word's
 // constants are set once (`Deq d(sz)`), then 2 (fp16: HSUB2, HMUL2) or 5 (bf16) instructions per pair.
 template <class T> struct Deq;
@@ -100,6 +93,31 @@ template <int B> struct Fmt { static const int C = 32 / B; };   // codes per dat
 template <> struct Fmt<3> { static const int C = 16; };          // W3: 2-bit lo words + 1-bit hi words
 const int GEMV_WARPS = 4, GEMV_UNROLL = 4;
 
+// One pipeline stage of a warp: U k-blocks x NT row tiles of packed weights (+ W3 hi words) and the
+// raw sz words of the <= 2 groups each lane's span meets. Volatile loads keep their program order
+// against the (volatile) mma, so a prefetched stage is in flight while the previous one is computed.
+template <int B, int NT> struct Stage {
+  uint4 w[GEMV_UNROLL][NT];
+  uint2 h[GEMV_UNROLL][NT];
+  u32 s0[GEMV_UNROLL][NT], s1[GEMV_UNROLL][NT];
+};
+__device__ __forceinline__ uint4 ld_stream_if(const u32* p, bool ok) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %5, 0;\n @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(p), "r"((int)ok));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_v2_if(const u32* p, bool ok) {
+  uint2 v = make_uint2(0, 0);
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %3, 0;\n @p ld.global.nc.v2.u32 {%0, %1}, [%2]; }" : "+r"(v.x), "+r"(v.y) : "l"(p), "r"((int)ok));
+  return v;
+}
+__device__ __forceinline__ u32 ld_u32_if(const u32* p, bool ok) {
+  u32 v = 0;
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0;\n @p ld.global.nc.u32 %0, [%1]; }" : "+r"(v) : "l"(p), "r"((int)ok));
+  return v;
+}
+
 // y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n] for M <= 16, on tensor cores.
 // A block owns NT tiles of 8 rows; its GEMV_WARPS warps split K. Per k-block (4 lanes x 16 B of one
 // row = 16*C codes) lane (gid, tig) streams the 16 B of row n0 + gid holding codes k-block*16C +
@@ -108,12 +126,15 @@ const int GEMV_WARPS = 4, GEMV_UNROLL = 4;
 // A takes the same permutation, so the dot product is unchanged). The A fragment is x rows gid and
 // gid + 8 (M16) at the same codes, read through L1; absent rows are zero registers, not loads.
 // Each 16-byte weight load feeds NT * 4C/16 mma for all M rows at once: M = 16 costs ~ M = 1.
+// Software pipeline: stage i+1 (U k-blocks of weights and scales, 2 KB per warp) is issued before
+// stage i is dequantized, so each warp always has U 16-byte loads in flight (Little's law: ~23 KB
+// per SM at 3 TB/s x ~1 us; 16 warps/SM x 2 KB = 32 KB).
 template <int B, int NT, bool M16, class T>
-__global__ void __launch_bounds__(GEMV_WARPS * 32) wonly_gemv(
+__global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
     const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
     const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
     int M, int N, int K, int row_words, int G, int gshift) {
-  const int C = Fmt<B>::C, SPAN = 4 * C, U = GEMV_UNROLL;
+  const int C = Fmt<B>::C, SPAN = 4 * C, U = GEMV_UNROLL, STEP = GEMV_WARPS * U;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const int nblk = row_words >> 4;
   int rows[NT];
@@ -133,34 +154,34 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) wonly_gemv(
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
 
-  for (int c0 = warp; c0 < nblk; c0 += GEMV_WARPS * U) {
-    uint4 w[U][NT];
-    uint2 h[U][NT];
+  auto load = [&](Stage<B, NT>& st, int c0) {
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * GEMV_WARPS;
+      const int kspan = c * 4 * SPAN + tig * SPAN;
+      const int g0 = min(kspan >> gshift, G - 1), g1 = min((kspan + SPAN - 1) >> gshift, G - 1);  // K padding: clamp
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        const int c = c0 + u * GEMV_WARPS;
         const bool ok = rok[t] && c < nblk;
-        w[u][t] = ok ? ld_stream(wq + (size_t)rows[t] * row_words + c * 16 + tig * 4) : make_uint4(0, 0, 0, 0);
-        if (B == 3)
-          h[u][t] = ok ? __ldg(reinterpret_cast<const uint2*>(whi + (size_t)rows[t] * (row_words >> 1) + c * 8) + tig)
-                       : make_uint2(0, 0);
+        st.w[u][t] = ld_stream_if(wq + (size_t)rows[t] * row_words + c * 16 + tig * 4, ok);
+        if (B == 3) st.h[u][t] = ld_v2_if(whi + (size_t)rows[t] * (row_words >> 1) + c * 8 + tig * 2, ok);
+        st.s0[u][t] = ld_u32_if(sz + (size_t)rows[t] * G + g0, ok);
+        if (SPAN > 32) st.s1[u][t] = ld_u32_if(sz + (size_t)rows[t] * G + g1, ok && g1 != g0);  // else g1 == g0
       }
+    }
+  };
+
+  Stage<B, NT> cur;
+  load(cur, warp);
+  for (int c0 = warp; c0 < nblk; c0 += STEP) {
+    Stage<B, NT> nxt;
+    load(nxt, c0 + STEP);  // all predicated off past the row's end
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * GEMV_WARPS;
       if (c >= nblk) break;
       const int kspan = c * 4 * SPAN + tig * SPAN;
-      // the lane's span (<= 64 codes) meets at most two groups (groups are >= 32 and aligned)
-      const int g0 = min(kspan >> gshift, G - 1), g1 = min((kspan + SPAN - 1) >> gshift, G - 1);  // K padding: clamp
-      Deq<T> d0[NT], d1[NT];
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const u32 s0 = __ldg(sz + (size_t)rows[t] * G + g0);
-        d0[t] = Deq<T>(s0);
-        d1[t] = Deq<T>(g1 == g0 ? s0 : __ldg(sz + (size_t)rows[t] * G + g1));
-      }
+      const int g0 = min(kspan >> gshift, G - 1);
 #pragma unroll
       for (int wi = 0; wi < 4; ++wi) {
         const int k0 = kspan + wi * C;
@@ -168,15 +189,16 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) wonly_gemv(
         u32 xa[C / 2], xb[C / 2];
         load_x<C>(xa, xp0 + k0, x0 && kin);
         if (M16) load_x<C>(xb, xp1 + k0, x1 && kin);
+        const bool first = min(k0 >> gshift, G - 1) == g0;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          const Deq<T>& dq = min(k0 >> gshift, G - 1) == g0 ? d0[t] : d1[t];
-          const u32 word = (&w[u][t].x)[wi];
+          const Deq<T> dq(SPAN <= 32 || first ? cur.s0[u][t] : cur.s1[u][t]);
+          const u32 word = (&cur.w[u][t].x)[wi];
 #pragma unroll
           for (int st = 0; st < C / 4; ++st) {
             u32 q0, q1;
             if (B == 3) {
-              const u32 hi = (&h[u][t].x)[wi >> 1];
+              const u32 hi = (&cur.h[u][t].x)[wi >> 1];
               q0 = pair_codes3(word, hi, 2 * st, (wi & 1) * 8 + 2 * st);
               q1 = pair_codes3(word, hi, 2 * st + 1, (wi & 1) * 8 + 2 * st + 1);
             } else {
@@ -188,6 +210,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) wonly_gemv(
         }
       }
     }
+    cur = nxt;
   }
   // reduce the warps' K slices: c0, c1 = (row gid, cols 2tig, 2tig+1), c2, c3 = row gid + 8
   __shared__ float red[GEMV_WARPS][NT][4][32];
@@ -207,7 +230,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) wonly_gemv(
   }
 }
 
-// Dequantizes one packed word (C codes) per thread into w[n, k] = (q - z) * s.
+// Dequantizes one packed word (C codes) per thread into w[n, k] = (q - z) * s, written as 8- or
+// 16-byte vectors (scalar 2-byte stores made this kernel 10x slower than its bandwidth).
 template <int B, class T>
 __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
                               u16* __restrict__ w, int N, int K, int row_words, int G, int gshift) {
@@ -216,17 +240,21 @@ __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict_
   const int n = (int)(idx / (size_t)row_words), wi = (int)(idx % (size_t)row_words);
   const int k0 = wi * C;
   if (n >= N || k0 >= K) return;
-  const u32 word = wq[(size_t)n * row_words + wi];
-  const u32 s = sz[(size_t)n * G + (k0 >> gshift)];
-  const float scale = h2f((u16)(s & 0xffff)), zero = h2f((u16)(s >> 16)) - 1024.f;
+  const u32 word = __ldg(wq + (size_t)n * row_words + wi);
+  const Deq<T> dq(__ldg(sz + (size_t)n * G + (k0 >> gshift)));
   u32 hi = 0;
-  if (B == 3) hi = whi[(size_t)n * (row_words >> 1) + (wi >> 1)];
+  if (B == 3) hi = __ldg(whi + (size_t)n * (row_words >> 1) + (wi >> 1));
+  u32 out[C / 2];
 #pragma unroll
-  for (int j = 0; j < C / 2; ++j) {
-    const u32 q = (B == 3) ? pair_codes3(word, hi, j, (wi & 1) * 8 + j) : pair_codes<(B == 3 ? 2 : B)>(word, j);
-    const float q0 = h2f((u16)(q & 0xffff)) - 1024.f, q1 = h2f((u16)(q >> 16)) - 1024.f;
-    w[(size_t)n * K + k0 + 2 * j] = Cvt<T>::store((q0 - zero) * scale);
-    w[(size_t)n * K + k0 + 2 * j + 1] = Cvt<T>::store((q1 - zero) * scale);
+  for (int j = 0; j < C / 2; ++j)
+    out[j] = dq((B == 3) ? pair_codes3(word, hi, j, (wi & 1) * 8 + j) : pair_codes<(B == 3 ? 2 : B)>(word, j));
+  u32* dst = reinterpret_cast<u32*>(w + (size_t)n * K + k0);  // 2C-byte aligned: K % 32 == 0
+  if (C == 4) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(out[0], out[1 % (C / 2)]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < C / 8; ++i)
+      reinterpret_cast<uint4*>(dst)[i] = make_uint4(out[4 * i], out[(4 * i + 1) % (C / 2)], out[(4 * i + 2) % (C / 2)], out[(4 * i + 3) % (C / 2)]);
   }
 }
 
@@ -234,8 +262,11 @@ __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict_
 #define GEMV(B, NT, M16, T) template __global__ void wonly_gemv<B, NT, M16, T>(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int);
 GEMV(4, 1, false, F16)
 GEMV(2, 1, false, F16)
-GEMV(3, 2, true, BF16)
+GEMV(3, 1, true, BF16)
+GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
 template __global__ void wonly_dequant<3, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<2, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<8, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
 template __global__ void wonly_dequant<4, BF16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
 #endif

@@ -88,6 +88,14 @@ def test_u8_gemm(wbits, abits, m, n, k, group):
     _lowbit_case("u8", u8_gemm, u8_gemm_ref, wbits, abits, m, n, k, group)
 
 
+@pytest.mark.parametrize("wbits,abits", [(4, 4), (2, 8), (3, 4)])
+@pytest.mark.parametrize("m,n,k,group", [(512, 1024, 4096, 128), (130, 1000, 4096, None), (64, 72, 2080, 32)])
+def test_u8_gemm_tiled(wbits, abits, m, n, k, group):
+    """The shared-memory tiled kernel (M > 16): several stages, ragged tiles, long segments (per-channel:
+    int32 runs converted every 32 tiles) and RPTQ clusters."""
+    _lowbit_case("u8", u8_gemm, u8_gemm_ref, wbits, abits, m, n, k, group)
+
+
 def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
     gen = torch.Generator().manual_seed(wbits * 97 + abits * 13 + m + n + k)
     codes, scales, zeros = _weights(n, k, wbits, group, gen)

@@ -1,8 +1,8 @@
 """Kernel benchmark: time every path beside torch fp16 matmul and torch._int_mm in the same run.
 
-Timing: CUDA events around each launch while a preceding sleep kernel keeps the queue full (so host
-launch overhead is not measured), warm-up first, median of the runs; weights are rotated among copies
-totalling > 2x L2 so small-M runs stream from HBM. Roofline: weight bytes / measured D2D copy bandwidth
+Timing: CUDA events around a batch of back-to-back launches while a preceding sleep kernel keeps the
+queue full (so host launch overhead is not measured), warm-up first, median over batches of the per-call
+time; weights are rotated among copies totalling > 2x L2 so small-M runs stream from HBM. Roofline: weight bytes / measured D2D copy bandwidth
 for M <= 16; for larger M the dense tensor peak of the instruction used (H100 figures below).
 Run as `python -m qtool.bench.kernels --help` or `qtool bench kernels`.
 """
@@ -61,19 +61,27 @@ def parse_path(path: str) -> tuple[int, int, str | None]:
         raise QtoolError(f"bad path {path!r}: use fp16, int_mm, or wPaQ such as w4a16, w2a8, w2a2:bitplane") from e
 
 
-def time_us(fn, reps: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn(0)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda._sleep(20_000_000)  # ~10 ms of queue ahead of the timed launches
-    for i in range(reps):
-        starts[i].record()
+def time_us(fn, reps: int = 30, warmup: int = 3, batches: int = 3) -> float:
+    """Per-call time of `reps` back-to-back launches between two events (median over batches): per-launch
+    events add ~2 us to a 5 us kernel. A sleep kernel queued before the start event keeps the host's
+    launch overhead out; batches slower than 1 ms per call are not repeated (their error is small)."""
+    for i in range(warmup):
         fn(i)
-        ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+    per_call, i = [], 0
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(20_000_000)  # ~10 ms of queue ahead of the timed launches
+        start.record()
+        for _ in range(reps):
+            fn(i)
+            i += 1
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / reps)
+        if per_call[-1] > 1000:
+            break
+    return statistics.median(per_call)
 
 
 def copy_bandwidth() -> float:

@@ -2,8 +2,8 @@
 
 A table measured by `qtool bench kernels --tune` (JSON in $QTOOL_CACHE or ~/.cache/qtool) wins when
 it has the bit widths; otherwise a default rule: weight-only GEMV for A16 at small M (cuBLAS on
-dequantized weights above), bit-planes when p*q < 8 (fewer AND+POPC passes than one s8 pass is
-worth), the u8 IMMA path when it can hold the weights (<= 4 bits), bit-planes beyond.
+dequantized weights above), the u8 IMMA path when it can hold the weights (<= 4 bits; measured
+faster than bit-planes for W2A2 and W2A8), bit-planes for W5-W8 and for W1 decode.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def default_path(wbits: int, abits: int, m: int) -> str:
         return "wonly_gemv" if m <= GEMV_MAX_M else "wonly_dequant_mm"
     if not 1 <= abits <= 8:
         raise QtoolError(f"activation bits must be in 1..8 or 16, got {abits}")
-    if wbits * abits < 8 or wbits > 4:
+    # H100 round 2: u8 beat bit-planes for W2A8 and W2A2 at every M (nibbles move 2x the bytes of 2-bit
+    # planes, but one IMMA pass beats p*q AND+POPC passes); 1-bit weights keep the planes' 4x byte saving
+    if wbits > 4 or (wbits == 1 and m <= 16):
         return "bitplane"
     return "u8"
 

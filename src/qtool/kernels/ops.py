@@ -149,6 +149,8 @@ def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = 
     _check_pair(a, w, "u8")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.u8_gemm_ref(a, w, bias), out)
+    if a.m > GEMV_MAX_M:  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
+        return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, 4, 8, 4, out)
     wm, wn, ks = _lowbit_config(a.m, 3)
     return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
 
@@ -193,7 +195,8 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
         return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
-    nt, m16 = (1, "false") if m <= 8 else (2, "true")  # rows gid + 8 in use: two n-tiles share x loads
+    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
+    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
     d, hi, sz, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {tag}>")
     if m:
