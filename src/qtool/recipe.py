@@ -41,12 +41,14 @@ RUNTIME_KEYS = {"batch_size": int}
 
 
 def _steps() -> dict[str, StepKind]:
+    from qtool.blockap import BlockAPParams, train_blockap
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
 
     return {
         "calibrate": StepKind(CalibrateParams, calibrate, True),
         "eval": StepKind(EvalParams, evaluate, False),
+        "train-blockap": StepKind(BlockAPParams, train_blockap, True),
     }
 
 

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from qtool.data import eval_windows, read_text, token_ids
+from qtool.errors import QtoolError
 from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.models.adapters import adapter_for
@@ -17,7 +18,7 @@ from qtool.spec import parse_spec
 @dataclass(frozen=True)
 class EvalParams:
     model: str
-    spec: str = "W16A16"
+    spec: str | None = None  # None: the spec a train-blockap stage was trained for, else W16A16
     data: str = "wikitext2-test"
     seqlen: int = 2048
     windows: int | None = None  # None: every window of the split
@@ -32,14 +33,22 @@ class EvalParams:
 
 def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> dict:
     """Perplexity and memory accounting; returns the result as a flat dict."""
-    spec = parse_spec(params.spec)
     source = open_source(params.model)
+    trained = parse_spec(source.manifest["spec"]) if source.has_tensors("blockap") else None
+    spec = parse_spec(params.spec) if params.spec else trained or parse_spec("W16A16")
+    qparams = None
+    if trained is not None and spec.quantizes_weights:
+        weights = ("w_bits", "group", "w_sym", "bit_balance")
+        if any(getattr(spec, f) != getattr(trained, f) for f in weights):
+            raise QtoolError(f"{source.path} learned {trained.name} weight quantization; evaluate it with a spec of the same "
+                             f"weight part (or W16A16 for its float weights), not {spec.name}")
+        qparams = source.tensors("blockap")
     dev = pick_device(device)
     t0 = time.time()
     model, tokenizer = load(source, pick_dtype(params.dtype))
     adapter = adapter_for(model.config)
     stats = source.tensors("calibrate") if source.has_tensors("calibrate") else None
-    apply_spec(model, adapter, spec, stats)
+    apply_spec(model, adapter, spec, stats, qparams)
     model.to(dev)
     ids = token_ids(tokenizer, read_text(params.data, params.text_field))
     windows = eval_windows(ids, params.seqlen, params.windows, params.data)

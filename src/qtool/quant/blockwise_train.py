@@ -140,7 +140,8 @@ class BlockState:
         return params, qp
 
     def learned(self) -> dict[str, torch.Tensor]:
-        return {f"{group}.{k}": v.detach() for group, params in self.groups.items() for k, v in params.items()}
+        """Every learned tensor but the trained weights, which the folded parameters already are."""
+        return {f"{group}.{k}": v.detach() for group, params in self.groups.items() if group != "weight" for k, v in params.items()}
 
 
 @contextmanager
