@@ -72,8 +72,13 @@ class TrainSettings:
     diverge: float = 100.0  # a loss this many times its first value stops the run
 
 
+def _master(t: torch.Tensor) -> torch.Tensor:
+    """A trainable copy in at least fp32 (fp64 stays fp64, for exactness tests)."""
+    return t.detach().clone() if t.dtype == torch.float64 else t.detach().float().clone()
+
+
 def _params(tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-    return {k: nn.Parameter(v.detach().float().clone()) for k, v in tensors.items()}
+    return {k: nn.Parameter(_master(v)) for k, v in tensors.items()}
 
 
 class BlockState:
@@ -83,7 +88,7 @@ class BlockState:
                  stats: dict, index: int, n_blocks: int, alpha: float):
         self.spec = spec
         self.linears = adapter.linear_names()
-        self.base = {n: p.detach().float().clone() for n, p in block.named_parameters()}
+        self.base = {n: _master(p) for n, p in block.named_parameters()}
         self.plan = let_plan(adapter, config, self.base, preset.let_pairs(spec), shift=spec.quantizes_activations)
         self.groups: dict[str, dict[str, nn.Parameter]] = {}
         if self.plan.pairs:
@@ -92,14 +97,14 @@ class BlockState:
             self.groups["weight"] = _params({f"{lin}.weight": self.base[f"{lin}.weight"] for lin in self.linears})
         if preset.compensation and index in (0, n_blocks - 1):
             w = self.base[f"{adapter.mlp_out}.weight"]
-            self.groups["comp"] = _params({f"{adapter.mlp_out}.left": torch.zeros(w.shape[0], 1, device=w.device),
-                                           f"{adapter.mlp_out}.right": torch.ones(1, w.shape[1], device=w.device)})
+            self.groups["comp"] = _params({f"{adapter.mlp_out}.left": w.new_zeros(w.shape[0], 1),
+                                           f"{adapter.mlp_out}.right": w.new_ones(1, w.shape[1])})
         init_q, self._qparams = QUANTIZERS[preset.quantizer]
         self.qgroup = "lwc" if preset.quantizer == "lwc" else "qparams"
         if spec.quantizes_weights:
             with torch.no_grad():
                 start = self.transformed()
-            self.groups[self.qgroup] = _params({f"{lin}.{k}": v.to(start[f"{lin}.weight"].device)
+            self.groups[self.qgroup] = _params({f"{lin}.{k}": v.to(start[f"{lin}.weight"])
                                                 for lin in self.linears for k, v in init_q(start[f"{lin}.weight"], spec).items()})
 
     def transformed(self) -> dict[str, torch.Tensor]:

@@ -111,10 +111,11 @@ def init_let(plan: LetPlan, params: dict, stats: dict, index: int, alpha: float)
     let = {}
     for pair in plan.pairs:
         if pair.name == "qk":
-            let["qk.log_scale"] = torch.zeros(plan.kv_heads * plan.head_dim // 2)
+            let["qk.log_scale"] = params[f"{pair.producer}.weight"].new_zeros(plan.kv_heads * plan.head_dim // 2)
             continue
         consumer = pair.consumers[0]
-        lo, hi = (stats[stat_key(index, consumer, "input", w)].float() for w in ("min", "max"))
+        weight = params[f"{consumer}.weight"]
+        lo, hi = (stats[stat_key(index, consumer, "input", w)].to(weight) for w in ("min", "max"))
         shift = (hi + lo) / 2 if pair.shift else torch.zeros_like(hi)
         act = torch.maximum(hi - shift, shift - lo)
         wmax = torch.stack([params[f"{c}.weight"].abs().amax(0) for c in pair.consumers]).amax(0)
