@@ -103,7 +103,12 @@ def tune_e2e(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
+<<<<<<< HEAD
     spec: Optional[str] = typer.Option(None, help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise."),
+=======
+    spec: Optional[str] = typer.Option(None, help="Fake-quantize on the fly with this spec, e.g. W4A16-g128, W4A4 (RTN, or the "
+                                       "learned scales of a train-blockap stage; default: that stage's spec, else W16A16)."),
+>>>>>>> blockap
     data: str = typer.Option("wikitext2-test", help="wikitext2-test, wikitext2-valid, or a .txt/.jsonl file."),
     seqlen: int = typer.Option(2048, min=2, help="Tokens per evaluation window."),
     windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows (default: all)."),
@@ -128,6 +133,38 @@ def eval_(
         "time": f"{result['seconds']} s on {result['device']}",
     }
     _finish(result, as_json, _kv_table("qtool eval", rows))
+
+
+@app.command("train-blockap")
+def train_blockap(
+    model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
+    preset: str = typer.Option("omniquant", help="omniquant, efficientqat or abq."),
+    spec: str = typer.Option("W4A16-g128", help="Target spec, e.g. W4A16-g128, W2A16-g64, W4A4, W2*A8-g128."),
+    data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
+    samples: int = typer.Option(128, min=1, help="Number of calibration windows."),
+    seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed of the window sampling and the batch order."),
+    epochs: int = typer.Option(2, min=1, help="Passes over the calibration windows per block."),
+    train_batch: int = typer.Option(1, "--batch-size", min=1, help="Windows per training step (and per forward pass)."),
+    lr_let: Optional[float] = typer.Option(None, help="LET learning rate (preset default)."),
+    lr_lwc: Optional[float] = typer.Option(None, help="Clipping (LWC) learning rate (preset default)."),
+    lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate, efficientqat (preset default)."),
+    lr_qparams: Optional[float] = typer.Option(None, help="Scale/zero learning rate, efficientqat (preset default)."),
+    lr_comp: Optional[float] = typer.Option(None, help="Compensation-vector learning rate, abq (preset default)."),
+    cosine: Optional[bool] = typer.Option(None, "--cosine/--no-cosine", help="Cosine learning-rate schedule (preset default)."),
+    alpha: float = typer.Option(0.5, help="LET migration strength."),
+    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Block-wise training of the quantized model; saves folded weights and learned scales/zeros."""
+    from qtool.blockap import BlockAPParams
+    from qtool.blockap import train_blockap as run_stage
+
+    params = BlockAPParams(model, out, preset, spec, data, samples, seqlen, seed, epochs, train_batch,
+                           lr_let, lr_lwc, lr_weight, lr_qparams, lr_comp, cosine, alpha, text_field)
+    _finish(run_stage(params, device, train_batch), as_json)
 
 
 @app.command()

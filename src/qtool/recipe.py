@@ -39,6 +39,7 @@ class StepKind:
 
 
 def _steps() -> dict[str, StepKind]:
+    from qtool.blockap import BlockAPParams, train_blockap
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
     from qtool.tune_e2e import TuneE2EParams, tune_e2e
@@ -47,6 +48,7 @@ def _steps() -> dict[str, StepKind]:
         "calibrate": StepKind(CalibrateParams, calibrate, True),
         "tune-e2e": StepKind(TuneE2EParams, tune_e2e, True),
         "eval": StepKind(EvalParams, evaluate, False),
+        "train-blockap": StepKind(BlockAPParams, train_blockap, True),
     }
 
 

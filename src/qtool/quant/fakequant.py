@@ -15,7 +15,7 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.models.adapters import Adapter
 from qtool.quant.qparams import qparam_key
-from qtool.quant.quantizer import dequantize_weight, fake_quant, fake_quant_per_token, fake_quant_weight, minmax_qparams, quantize_weight
+from qtool.quant.quantizer import fake_quant, fake_quant_per_token, fake_quant_weight, minmax_qparams
 from qtool.spec import QuantSpec
 
 
@@ -32,9 +32,10 @@ def stat_key(block: int, linear: str, where: str, what: str) -> str:
 class InputQuantizer:
     """Forward pre-hook: fake-quantize a linear's input per token, or per tensor from a static range."""
 
-    def __init__(self, bits: int, static_range: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, bits: int, static_range: tuple[torch.Tensor, torch.Tensor] | None = None, ste: bool = False):
         self.levels = 2**bits
         self.bits = bits
+        self.ste = ste
         self.qparams = None
         if static_range is not None:
             self.qparams = minmax_qparams(static_range[0].min(), static_range[1].max(), self.levels, sym=False)
@@ -42,32 +43,42 @@ class InputQuantizer:
     def __call__(self, module, args):
         x = args[0]
         if self.qparams is None:
-            return (fake_quant_per_token(x, self.bits), *args[1:])
+            return (fake_quant_per_token(x, self.bits, ste=self.ste), *args[1:])
         scale, zero = (p.to(x.device) for p in self.qparams)
-        return (fake_quant(x, scale, zero, self.levels), *args[1:])
+        return (fake_quant(x, scale, zero, self.levels, ste=self.ste), *args[1:])
 
 
 class HeadOutputQuantizer:
     """Forward hook: fake-quantize a projection's output per token and head (the KV cache)."""
 
-    def __init__(self, bits: int, head_dim: int):
-        self.bits, self.head_dim = bits, head_dim
+    def __init__(self, bits: int, head_dim: int, ste: bool = False):
+        self.bits, self.head_dim, self.ste = bits, head_dim, ste
 
     def __call__(self, module, args, output):
-        return fake_quant_per_token(output, self.bits, width=self.head_dim)
+        return fake_quant_per_token(output, self.bits, width=self.head_dim, ste=self.ste)
+
+
+def activation_hooks(block: nn.Module, adapter: Adapter, spec: QuantSpec, head_dim: int, index: int = 0,
+                     stats: Mapping[str, torch.Tensor] | None = None, ste: bool = False) -> list:
+    """Hooks that fake-quantize one block's linear inputs and its KV outputs as `spec` says."""
+    handles = []
+    for name, linear in adapter.linears(block).items():
+        if spec.quantizes_activations:
+            static = None
+            if spec.a_static:
+                static = tuple(stats[stat_key(index, name, "input", w)] for w in ("min", "max"))
+            handles.append(linear.register_forward_pre_hook(InputQuantizer(spec.a_bits, static, ste)))
+        if spec.quantizes_kv and name in (adapter.k, adapter.v):
+            handles.append(linear.register_forward_hook(HeadOutputQuantizer(spec.kv_bits, head_dim, ste)))
+    return handles
 
 
 @torch.no_grad()
-def apply_spec(
-    model: nn.Module,
-    adapter: Adapter,
-    spec: QuantSpec,
-    stats: Mapping[str, torch.Tensor] | None = None,
-    qparams: Mapping[str, torch.Tensor] | None = None,
-) -> list:
+def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mapping[str, torch.Tensor] | None = None,
+               qparams: Mapping[str, torch.Tensor] | None = None) -> list:
     """Fake-quantize `model` in place for `spec`; returns the hook handles (remove() undoes hooks,
-    not the weight rounding). Weights use the stage's learned scales and zeros (`qparams`) when
-    given, round-to-nearest ranges otherwise."""
+    not the weight rounding). Weights use the learned scale/zero in `qparams` where it has them
+    (a train-blockap stage), round-to-nearest ranges elsewhere."""
     if spec.quantizes_activations and spec.a_granularity == "cluster":
         raise QtoolError(f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that")
     if spec.quantizes_activations and spec.a_static and stats is None:
@@ -76,17 +87,8 @@ def apply_spec(
     handles = []
     for index, block in enumerate(adapter.layers(model)):
         for name, linear in adapter.linears(block).items():
-            if spec.quantizes_weights and qparams is not None:
-                scale, zero = qparams[qparam_key(index, name, "scale")], qparams[qparam_key(index, name, "zero")]
-                codes, _, _ = quantize_weight(linear.weight, spec, scale, zero)
-                linear.weight.copy_(dequantize_weight(codes, scale, zero, spec.group))
-            elif spec.quantizes_weights:
-                linear.weight.copy_(fake_quant_weight(linear.weight, spec))
-            if spec.quantizes_activations:
-                static = None
-                if spec.a_static:
-                    static = tuple(stats[stat_key(index, name, "input", w)] for w in ("min", "max"))
-                handles.append(linear.register_forward_pre_hook(InputQuantizer(spec.a_bits, static)))
-            if spec.quantizes_kv and name in (adapter.k, adapter.v):
-                handles.append(linear.register_forward_hook(HeadOutputQuantizer(spec.kv_bits, head_dim)))
+            if spec.quantizes_weights:
+                learned = [qparams.get(qparam_key(index, name, w)) for w in ("scale", "zero")] if qparams else [None, None]
+                linear.weight.copy_(fake_quant_weight(linear.weight, spec, *learned))
+        handles += activation_hooks(block, adapter, spec, head_dim, index, stats)
     return handles

@@ -91,21 +91,23 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (codes.float() - expand_groups(zero, k, group)) * expand_groups(scale, k, group)
 
 
-def fake_quant_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest weight quantization, returned dequantized in w's dtype."""
+def fake_quant_weight(w: torch.Tensor, spec: QuantSpec, scale=None, zero=None) -> torch.Tensor:
+    """Weight quantization (round-to-nearest ranges unless learned scale/zero are given),
+    returned dequantized in w's dtype."""
     if not spec.quantizes_weights:
         return w
-    codes, scale, zero = quantize_weight(w, spec)
+    codes, scale, zero = quantize_weight(w, spec, scale, zero)
     return dequantize_weight(codes, scale, zero, spec.group).to(w.dtype)
 
 
 # -- activations -------------------------------------------------------------------------------
 
 
-def fake_quant_per_token(x: torch.Tensor, bits: int, width: int | None = None) -> torch.Tensor:
+def fake_quant_per_token(x: torch.Tensor, bits: int, width: int | None = None, ste: bool = False) -> torch.Tensor:
     """Dynamic asymmetric quantization with one range per token (per `width`-sized chunk of the
-    last dimension when width is given, e.g. one range per attention head)."""
+    last dimension when width is given, e.g. one range per attention head). ste=True lets
+    gradients through, for block-wise training."""
     shape = x.shape
     xs = x.reshape(*shape[:-1], -1, width) if width else x.unsqueeze(-2)
     scale, zero = minmax_qparams(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True), 2**bits, sym=False)
-    return fake_quant(xs, scale, zero, 2**bits).reshape(shape)
+    return fake_quant(xs, scale, zero, 2**bits, ste=ste).reshape(shape)
