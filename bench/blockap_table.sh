@@ -11,20 +11,21 @@
 # override SAMPLES/EPOCHS if the first job's timing (in the JSON) says otherwise.
 set -euo pipefail
 OUT=${OUT:-runs/blockap}
+WORK=${WORK:-runs/blockap-stages}
 SAMPLES=${SAMPLES:-32}
 EPOCHS=${EPOCHS:-2}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 Q="python3 -m qtool.cli"
 SPECS="W4A16-g128 W3A16-g128 W2A16-g64 W4A4 W6A6 W2A8-g128"
 
 run_preset() {
   local preset=$1
   for spec in $SPECS; do
-    local stage="$OUT/$preset-${spec//\*/star}"
+    local stage="$WORK/$preset-${spec//\*/star}"
     $Q train-blockap smollm2-135m -o "$stage" --preset "$preset" --spec "$spec" \
       --samples "$SAMPLES" --seqlen 2048 --epochs "$EPOCHS" --json | tail -1 > "$stage.train.json"
     $Q eval "$stage" --seqlen 2048 --json | tail -1 \
-      | python3 -c "import json,sys; r=json.load(sys.stdin); r['spec']='$preset '+r['spec']; print(json.dumps(r))" > "$stage.eval.json"
+      | python3 -c "import json,sys; r=json.load(sys.stdin); r['spec']='$preset '+r['spec']; print(json.dumps(r))" >> "$OUT/blockap.jsonl"
   done
 }
 
@@ -32,5 +33,4 @@ for preset in omniquant efficientqat abq; do
   run_preset "$preset" &
 done
 wait
-cat "$OUT"/*.eval.json > "$OUT/blockap.jsonl"
 python3 bench/ppl_table.py "$OUT/blockap.jsonl" | tee "$OUT/blockap.md"
