@@ -103,12 +103,7 @@ def tune_e2e(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
-<<<<<<< HEAD
     spec: Optional[str] = typer.Option(None, help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise."),
-=======
-    spec: Optional[str] = typer.Option(None, help="Fake-quantize on the fly with this spec, e.g. W4A16-g128, W4A4 (RTN, or the "
-                                       "learned scales of a train-blockap stage; default: that stage's spec, else W16A16)."),
->>>>>>> blockap
     data: str = typer.Option("wikitext2-test", help="wikitext2-test, wikitext2-valid, or a .txt/.jsonl file."),
     seqlen: int = typer.Option(2048, min=2, help="Tokens per evaluation window."),
     windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows (default: all)."),
