@@ -10,6 +10,7 @@ from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.models.adapters import adapter_for
 from qtool.quant.fakequant import apply_spec
+from qtool.quant.reorder import cluster_bounds
 from qtool.runtime import load, open_source, pick_device, pick_dtype, progress
 from qtool.spec import parse_spec
 
@@ -39,7 +40,8 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     model, tokenizer = load(source, pick_dtype(params.dtype))
     adapter = adapter_for(model.config)
     stats = source.tensors("calibrate") if source.has_tensors("calibrate") else None
-    apply_spec(model, adapter, spec, stats)
+    clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
+    apply_spec(model, adapter, spec, stats, clusters)
     model.to(dev)
     ids = token_ids(tokenizer, read_text(params.data, params.text_field))
     windows = eval_windows(ids, params.seqlen, params.windows, params.data)
