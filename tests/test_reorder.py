@@ -182,3 +182,27 @@ def test_bad_inputs_are_one_line_errors(reorder_stage, tmp_path):
         reorder_model(model, adapter, wide, 4, 2)
     with pytest.raises(QtoolError, match="needs a 'calibrate' stage"):
         reorder(ReorderParams(open_stage(cal).manifest["parent"]["path"], str(tmp_path / "y")))
+
+
+def test_reorder_preserves_smollm2_logits(smollm2_dir):
+    """The real model in float32: the reordered model's logits match to float32 accuracy."""
+    model, _ = load(open_source(str(smollm2_dir)))
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(3))
+    before = _logits(model, ids)
+    reorder_model(model, adapter_for(model.config), _stats(model, ids), clusters=8, head_clusters=2)
+    after = _logits(model, ids)
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+
+def test_memory_from_config_alone():
+    from pathlib import Path
+
+    from qtool.eval.memory import config_memory
+
+    config = Path(__file__).resolve().parents[1] / "configs/llama-2-70b.json"
+    rows = {r["spec"]: r for r in config_memory(str(config), ["W16A16", "W4A16", "W4A16KV4", "W4A16KV4-cluster"], 64, 8192)}
+    kv16 = 2 * 80 * 64 * 8192 * 8 * 128 * 2  # K and V, layers, batch, tokens, KV heads, head dim, bytes
+    assert rows["W16A16"]["kv_bytes"] == rows["W4A16"]["kv_bytes"] == kv16
+    assert rows["W4A16KV4-cluster"]["kv_bytes"] == kv16 // 4  # static cluster scales are per layer
+    assert rows["W4A16KV4"]["kv_bytes"] == kv16 // 4 + kv16 // 2 // 128 * 4  # fp16 scale and zero per token and head
+    assert 4 < rows["W4A16"]["weight_bits_per_param"] < 4.1 and rows["W4A16"]["linear_params"] > 6.4e10

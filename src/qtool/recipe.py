@@ -43,9 +43,11 @@ RUNTIME_KEYS = {"batch_size": int}
 def _steps() -> dict[str, StepKind]:
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
+    from qtool.reorder import ReorderParams, reorder
 
     return {
         "calibrate": StepKind(CalibrateParams, calibrate, True),
+        "reorder": StepKind(ReorderParams, reorder, True),
         "eval": StepKind(EvalParams, evaluate, False),
     }
 

@@ -43,11 +43,14 @@ def cluster_order(features: torch.Tensor, n_clusters: int, seed: int) -> tuple[t
     """KMeans on per-channel features [C, F] -> (perm, sizes): channels grouped by cluster,
     clusters ordered by centroid (lexicographic), channels in their old order inside a cluster."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     n = features.shape[0]
     if n_clusters == 1:
         return torch.arange(n), torch.tensor([n])
-    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(features.double().numpy())
+    # One thread: these problems are tiny, and OpenMP threads only fight over them.
+    with threadpool_limits(1):
+        km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(features.double().numpy())
     rank = np.empty(n_clusters, dtype=np.int64)
     rank[np.lexsort(km.cluster_centers_.T[::-1])] = np.arange(n_clusters)
     key = rank[km.labels_]
