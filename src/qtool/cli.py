@@ -98,6 +98,40 @@ def tune_e2e(
     if "peak_memory_bytes" in result:
         rows["peak memory"] = f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
     _finish(result, as_json, _kv_table("qtool tune-e2e", rows))
+@app.command()
+def reorder(
+    model: str = typer.Argument(..., help="A calibrate stage directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
+    clusters: int = typer.Option(32, min=1, help="Channel clusters per norm output (R1, R4) and MLP middle (R5)."),
+    head_clusters: int = typer.Option(4, min=1, help="Channel clusters per KV head, for K (R2) and V (R3)."),
+    seed: int = typer.Option(0, help="KMeans seed."),
+    as_json: bool = JSON,
+):
+    """RPTQ: cluster channels by calibration range, fold the reordering into the weights."""
+    from qtool.reorder import ReorderParams
+    from qtool.reorder import reorder as run
+
+    _finish(run(ReorderParams(model, out, clusters, head_clusters, seed)), as_json)
+
+
+@app.command()
+def memory(
+    model: str = typer.Argument(..., help="A config.json file (see configs/), model id or model directory."),
+    spec: list[str] = typer.Option(["W16A16"], help="Spec(s) to account for; repeat for a table."),
+    batch: int = typer.Option(1, min=1, help="Batch size of the KV cache."),
+    seqlen: int = typer.Option(2048, min=1, help="Tokens per sequence in the KV cache."),
+    as_json: bool = JSON,
+):
+    """Weight and KV-cache bytes from the model configuration alone (no weights are read)."""
+    from qtool.eval.memory import config_memory
+
+    rows = config_memory(model, spec, batch, seqlen)
+    table = Table(title=f"qtool memory {model} (batch {batch}, {seqlen} tokens)")
+    for col in ("spec", "weights GiB", "KV cache GiB", "total GiB"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["spec"], *(f"{r[k] / 2**30:.1f}" for k in ("weight_bytes", "kv_bytes", "total_bytes")))
+    _finish({"model": model, "rows": rows}, as_json, table)
 
 
 @app.command("eval")

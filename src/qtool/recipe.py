@@ -42,13 +42,15 @@ def _steps() -> dict[str, StepKind]:
     from qtool.blockap import BlockAPParams, train_blockap
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
+    from qtool.reorder import ReorderParams, reorder
     from qtool.tune_e2e import TuneE2EParams, tune_e2e
 
     return {
         "calibrate": StepKind(CalibrateParams, calibrate, True),
+        "reorder": StepKind(ReorderParams, reorder, True),
+        "train-blockap": StepKind(BlockAPParams, train_blockap, True),
         "tune-e2e": StepKind(TuneE2EParams, tune_e2e, True),
         "eval": StepKind(EvalParams, evaluate, False),
-        "train-blockap": StepKind(BlockAPParams, train_blockap, True),
     }
 
 

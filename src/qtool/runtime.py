@@ -42,8 +42,15 @@ def open_source(ref: str) -> Stage:
 
 
 def load(stage: Stage, dtype: torch.dtype = torch.float32):
-    """(model on CPU, tokenizer) of a model or stage directory."""
-    return load_model(stage.path, dtype=dtype, device="cpu"), load_tokenizer(stage.path)
+    """(model on CPU, tokenizer) of a model or stage directory. A reordered stage (RPTQ) gets its
+    norms' output gathers back: they are part of the model but not of the transformers weights."""
+    model = load_model(stage.path, dtype=dtype, device="cpu")
+    if stage.has_tensors("reorder"):
+        from qtool.models.adapters import adapter_for
+        from qtool.quant.reorder import install_gathers
+
+        install_gathers(model, adapter_for(model.config), stage.tensors("reorder"))
+    return model, load_tokenizer(stage.path)
 
 
 def progress() -> Progress:

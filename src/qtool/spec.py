@@ -12,7 +12,8 @@ Grammar of a name (case-insensitive on input, canonical on output):
   means one static range per tensor from calibration, `-cluster` one range per channel cluster
   (RPTQ; static unless `-dynamic`).
 * `KV<bits>` quantizes the key and value projections' outputs per token and head (dynamic,
-  asymmetric); without it the KV cache stays 16-bit. `W4A16KV4` is RPTQ's "W4A4KV".
+  asymmetric); without it the KV cache stays 16-bit. With `-cluster` K and V take one range per
+  channel cluster instead, static unless `-dynamic` (`W4A16KV4-cluster` is RPTQ's "W4A4KV").
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ class QuantSpec:
         return self.kv_bits < FLOAT
 
     @property
+    def uses_ranges(self) -> bool:
+        """Whether the activation granularity matters: activations are quantized, or K and V are
+        quantized per cluster (`W4A16KV4-cluster`)."""
+        return self.quantizes_activations or (self.quantizes_kv and self.a_granularity == "cluster")
+
+    @property
     def is_float(self) -> bool:
         return not (self.quantizes_weights or self.quantizes_activations or self.quantizes_kv)
 
@@ -90,9 +97,9 @@ class QuantSpec:
                 parts.append(f"g{self.group}")
             if self.w_sym and not self.bit_balance:
                 parts.append("sym")
-        if self.quantizes_activations and self.a_granularity != "token":
+        if self.uses_ranges and self.a_granularity != "token":
             parts.append(self.a_granularity)
-        if self.quantizes_activations and self.a_static != _default_static(self.a_granularity):
+        if self.uses_ranges and self.a_static != _default_static(self.a_granularity):
             parts.append("static" if self.a_static else "dynamic")
         return "-".join(parts)
 

@@ -3,16 +3,20 @@
 Computed from the config alone, so 70B-class configurations need no weights. Quantized weights
 count their codes, one fp16 scale per group and, when asymmetric, one zero point per group at the
 storage width; everything that is not a block linear (embeddings, head, norms, biases) is 16-bit.
-A quantized KV cache stores codes plus an fp16 scale and zero per token and head.
+A quantized KV cache stores codes plus an fp16 scale and zero per token and head, except with
+static per-cluster ranges (RPTQ's `-cluster`), whose few scales per layer are not counted.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from qtool.models.adapters import Adapter
-from qtool.spec import FLOAT, QuantSpec
+from qtool.errors import QtoolError
+from qtool.models.adapters import Adapter, adapter_for
+from qtool.spec import FLOAT, QuantSpec, parse_spec
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def memory_report(config, adapter: Adapter, spec: QuantSpec, batch: int = 1, seq
     _, kv_heads, head_dim = adapter.attention_shape(config)
     kv_values = 2 * layers * batch * seqlen * kv_heads * head_dim
     kv_bits = kv_values * spec.kv_bits
-    if spec.quantizes_kv:
+    if spec.quantizes_kv and not (spec.a_granularity == "cluster" and spec.a_static):
         kv_bits += (kv_values // head_dim) * 2 * 16
     return MemoryReport(
         linear_params=linear_params,
@@ -82,3 +86,26 @@ def memory_report(config, adapter: Adapter, spec: QuantSpec, batch: int = 1, seq
         batch=batch,
         seqlen=seqlen,
     )
+
+
+def load_config(ref: str):
+    """A transformers config from a config.json file, or from a model id or directory."""
+    from transformers import AutoConfig
+
+    path = Path(ref)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            fields = json.loads(path.read_text())
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (ValueError, KeyError) as exc:
+            raise QtoolError(f"{path} is not a model config ({type(exc).__name__}: {exc}); give a config.json with model_type") from None
+    from qtool.models.loading import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(ref))
+
+
+def config_memory(ref: str, specs: list[str], batch: int, seqlen: int) -> list[dict]:
+    """One memory report per spec for the configuration `ref`."""
+    config = load_config(ref)
+    adapter = adapter_for(config)
+    return [{"spec": parse_spec(s).name, **memory_report(config, adapter, parse_spec(s), batch, seqlen).as_dict()} for s in specs]

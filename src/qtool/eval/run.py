@@ -11,6 +11,7 @@ from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.models.adapters import adapter_for
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.qparams import stage_qparams
+from qtool.quant.reorder import cluster_bounds
 from qtool.runtime import load, open_source, pick_device, pick_dtype, progress
 from qtool.errors import QtoolError
 from qtool.spec import parse_spec, same_weight_format
@@ -44,7 +45,8 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     qparams = stage_qparams(source)
     if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
         raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
-    apply_spec(model, adapter, spec, stats, qparams)
+    clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
+    apply_spec(model, adapter, spec, stats, qparams, clusters)
     model.to(dev)
     ids = token_ids(tokenizer, read_text(params.data, params.text_field))
     windows = eval_windows(ids, params.seqlen, params.windows, params.data)

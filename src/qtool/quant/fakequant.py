@@ -2,7 +2,9 @@
 
 Weights are replaced by their dequantized values; activations are quantized on the fly by forward
 hooks on every linear of every block (inputs) and on the key and value projections (outputs, for
-the KV cache). Embeddings and the LM head stay in float, as in the literature.
+the KV cache). Embeddings and the LM head stay in float, as in the literature. With `-cluster`
+(RPTQ) every activation and the K and V outputs take one range per channel cluster of a reorder
+stage; without it the KV cache is quantized per token and head.
 """
 
 from __future__ import annotations
@@ -29,66 +31,103 @@ def stat_key(block: int, linear: str, where: str, what: str) -> str:
     return f"{stat_prefix(block, linear, where)}.{what}"
 
 
-class InputQuantizer:
-    """Forward pre-hook: fake-quantize a linear's input per token, or per tensor from a static range."""
+class ActQuantizer:
+    """Fake-quantize the last dimension in contiguous channel clusters (`bounds`: offsets 0..C).
 
-    def __init__(self, bits: int, static_range: tuple[torch.Tensor, torch.Tensor] | None = None, ste: bool = False):
-        self.levels = 2**bits
-        self.bits = bits
-        self.ste = ste
+    One mechanism for every activation range: static per cluster from calibration min/max
+    (per-tensor static is the one-cluster case) or dynamic per token and cluster (per-token
+    dynamic is the one-cluster case). `ste` lets gradients through for block-wise training.
+    """
+
+    def __init__(self, bits: int, bounds: torch.Tensor, static_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ste: bool = False):
+        self.bits, self.levels, self.ste = bits, 2**bits, ste
+        self.sizes = torch.diff(bounds).tolist()
         self.qparams = None
         if static_range is not None:
-            self.qparams = minmax_qparams(static_range[0].min(), static_range[1].max(), self.levels, sym=False)
+            sizes = torch.tensor(self.sizes)
+            lo = torch.stack([c.min() for c in static_range[0].split(self.sizes)])
+            hi = torch.stack([c.max() for c in static_range[1].split(self.sizes)])
+            self.qparams = tuple(p.repeat_interleave(sizes) for p in minmax_qparams(lo, hi, self.levels, sym=False))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qparams is not None:
+            scale, zero = (p.to(x.device) for p in self.qparams)
+            return fake_quant(x, scale, zero, self.levels, ste=self.ste)
+        if len(self.sizes) == 1:
+            return fake_quant_per_token(x, self.bits, ste=self.ste)
+        return torch.cat([fake_quant_per_token(c, self.bits, ste=self.ste) for c in x.split(self.sizes, -1)], -1)
+
+
+class InputHook:
+    """Forward pre-hook: quantize a linear's input."""
+
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
 
     def __call__(self, module, args):
-        x = args[0]
-        if self.qparams is None:
-            return (fake_quant_per_token(x, self.bits, ste=self.ste), *args[1:])
-        scale, zero = (p.to(x.device) for p in self.qparams)
-        return (fake_quant(x, scale, zero, self.levels, ste=self.ste), *args[1:])
+        return (self.quantizer(args[0]), *args[1:])
 
 
-class HeadOutputQuantizer:
-    """Forward hook: fake-quantize a projection's output per token and head (the KV cache)."""
-
-    def __init__(self, bits: int, head_dim: int, ste: bool = False):
-        self.bits, self.head_dim, self.ste = bits, head_dim, ste
+class OutputHook(InputHook):
+    """Forward hook: quantize a projection's output (the KV cache)."""
 
     def __call__(self, module, args, output):
-        return fake_quant_per_token(output, self.bits, width=self.head_dim, ste=self.ste)
+        return self.quantizer(output)
+
+
+def _check(spec: QuantSpec, stats, clusters) -> None:
+    cluster = spec.a_granularity == "cluster"
+    if cluster and (spec.quantizes_activations or spec.quantizes_kv) and clusters is None:
+        raise QtoolError(f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that")
+    static_kv = cluster and spec.quantizes_kv and spec.a_static
+    if ((spec.quantizes_activations and spec.a_static) or static_kv) and stats is None:
+        raise QtoolError(f"{spec.name} uses static activation ranges: evaluate a calibrate stage (`qtool calibrate`)")
 
 
 def activation_hooks(block: nn.Module, adapter: Adapter, spec: QuantSpec, head_dim: int, index: int = 0,
-                     stats: Mapping[str, torch.Tensor] | None = None, ste: bool = False) -> list:
-    """Hooks that fake-quantize one block's linear inputs and its KV outputs as `spec` says."""
+                     stats: Mapping[str, torch.Tensor] | None = None, ste: bool = False,
+                     clusters: Mapping[str, torch.Tensor] | None = None) -> list:
+    """Hooks that fake-quantize one block's linear inputs and its KV outputs as `spec` says.
+
+    `clusters` maps a stat prefix (`stat_prefix`) to the cluster bounds of that tensor, as
+    `qtool reorder` writes them; `-cluster` specs need it. Without clusters the KV cache is
+    quantized per token and head."""
+    _check(spec, stats, clusters)
+    cluster = spec.a_granularity == "cluster"
+
+    def quantizer(bits: int, prefix: str, width: int) -> ActQuantizer:
+        bounds = clusters[prefix] if cluster else torch.tensor([0, width])
+        static = tuple(stats[f"{prefix}.{w}"] for w in ("min", "max")) if spec.a_static else None
+        return ActQuantizer(bits, bounds, static, ste)
+
     handles = []
     for name, linear in adapter.linears(block).items():
         if spec.quantizes_activations:
-            static = None
-            if spec.a_static:
-                static = tuple(stats[stat_key(index, name, "input", w)] for w in ("min", "max"))
-            handles.append(linear.register_forward_pre_hook(InputQuantizer(spec.a_bits, static, ste)))
+            q = quantizer(spec.a_bits, stat_prefix(index, name, "input"), linear.in_features)
+            handles.append(linear.register_forward_pre_hook(InputHook(q)))
         if spec.quantizes_kv and name in (adapter.k, adapter.v):
-            handles.append(linear.register_forward_hook(HeadOutputQuantizer(spec.kv_bits, head_dim, ste)))
+            if cluster:
+                q = quantizer(spec.kv_bits, stat_prefix(index, name, "output"), linear.out_features)
+            else:
+                q = lambda x, bits=spec.kv_bits: fake_quant_per_token(x, bits, width=head_dim, ste=ste)  # noqa: E731
+            handles.append(linear.register_forward_hook(OutputHook(q)))
     return handles
 
 
 @torch.no_grad()
 def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mapping[str, torch.Tensor] | None = None,
-               qparams: Mapping[str, torch.Tensor] | None = None) -> list:
+               qparams: Mapping[str, torch.Tensor] | None = None, clusters: Mapping[str, torch.Tensor] | None = None) -> list:
     """Fake-quantize `model` in place for `spec`; returns the hook handles (remove() undoes hooks,
     not the weight rounding). Weights use the learned scale/zero in `qparams` where it has them
-    (a train-blockap stage), round-to-nearest ranges elsewhere."""
-    if spec.quantizes_activations and spec.a_granularity == "cluster":
-        raise QtoolError(f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that")
-    if spec.quantizes_activations and spec.a_static and stats is None:
-        raise QtoolError(f"{spec.name} uses static activation ranges: evaluate a calibrate stage (`qtool calibrate`)")
+    (a trained stage), round-to-nearest ranges elsewhere; activations as `activation_hooks`."""
+    _check(spec, stats, clusters)
     _, _, head_dim = adapter.attention_shape(model.config)
     handles = []
     for index, block in enumerate(adapter.layers(model)):
-        for name, linear in adapter.linears(block).items():
-            if spec.quantizes_weights:
+        if spec.quantizes_weights:
+            for name, linear in adapter.linears(block).items():
                 learned = [qparams.get(qparam_key(index, name, w)) for w in ("scale", "zero")] if qparams else [None, None]
                 linear.weight.copy_(fake_quant_weight(linear.weight, spec, *learned))
-        handles += activation_hooks(block, adapter, spec, head_dim, index, stats)
+        handles += activation_hooks(block, adapter, spec, head_dim, index, stats, clusters=clusters)
     return handles
