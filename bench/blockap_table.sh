@@ -16,7 +16,7 @@ SAMPLES=${SAMPLES:-32}
 EPOCHS=${EPOCHS:-2}
 mkdir -p "$OUT" "$WORK"
 Q="python3 -m qtool.cli"
-SPECS="W4A16-g128 W3A16-g128 W2A16-g64 W4A4 W6A6 W2A8-g128"
+SPECS=${SPECS:-"W4A16-g128 W3A16-g128 W2A16-g64 W4A4 W6A6 W2A8-g128"}
 
 run_preset() {
   local preset=$1
