@@ -12,13 +12,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qtool.checkpoint import BlockJournal, StageWriter, is_complete, stage_fingerprint
-from qtool.data import calibration_windows, read_text, token_ids
+from qtool.checkpoint import BlockJournal, StageWriter
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.quant.blockwise_train import PRESETS, TrainSettings, train_blocks
 from qtool.quant.qparams import QPARAMS, model_qparams
-from qtool.runtime import console, load, open_source, pick_device, progress
+from qtool.runtime import (
+    console,
+    fingerprint_or_skip,
+    load,
+    open_source,
+    pick_device,
+    progress,
+    training_windows,
+)
 from qtool.spec import parse_spec
 
 
@@ -72,16 +79,14 @@ def train_blockap(params: BlockAPParams, device: str = "auto", batch_size: int =
     spec = _check(params)
     source = open_source(params.model)
     out = Path(params.out)
-    fingerprint = stage_fingerprint("train-blockap", params.fingerprint_params(), source)
-    if is_complete(out, fingerprint):
-        console.print(f"[green]train-blockap: {out} is complete for these inputs, skipped[/green]")
-        return {"stage": "train-blockap", "out": str(out), "skipped": True}
+    fingerprint, skipped = fingerprint_or_skip("train-blockap", params, source)
+    if skipped:
+        return skipped
     dev = pick_device(device)
     t0 = time.time()
     model, tokenizer = load(source)
     adapter = adapter_for(model.config)
-    ids = token_ids(tokenizer, read_text(params.data, params.text_field))
-    windows = calibration_windows(ids, params.samples, params.seqlen, params.seed, params.data)
+    windows = training_windows(tokenizer, params)
     journal = BlockJournal(out, fingerprint)
     attention = model.config._attn_implementation
     with progress() as bar, StageWriter(out, "train-blockap", params.fingerprint_params(), source, spec=spec.name) as writer:

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import BlockJournal, StageWriter, is_complete, stage_fingerprint
-from qtool.data import calibration_windows, read_text, token_ids
+from qtool.checkpoint import BlockJournal, StageWriter
 from qtool.models.adapters import adapter_for
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.fakequant import stat_prefix
-from qtool.runtime import console, load, open_source, pick_device, progress
+from qtool.runtime import (
+    console,
+    fingerprint_or_skip,
+    load,
+    open_source,
+    pick_device,
+    progress,
+    training_windows,
+)
+
 
 @dataclass(frozen=True)
 class CalibrateParams:
@@ -75,16 +83,14 @@ def calibrate(params: CalibrateParams, device: str = "auto", batch_size: int = 1
     """Run the stage (or find it already complete) and return its summary."""
     source = open_source(params.model)
     out = Path(params.out)
-    fingerprint = stage_fingerprint("calibrate", params.fingerprint_params(), source)
-    if is_complete(out, fingerprint):
-        console.print(f"[green]calibrate: {out} is complete for these inputs, skipped[/green]")
-        return {"stage": "calibrate", "out": str(out), "skipped": True}
+    fingerprint, skipped = fingerprint_or_skip("calibrate", params, source)
+    if skipped:
+        return skipped
     dev = pick_device(device)
     t0 = time.time()
     model, tokenizer = load(source)
     adapter = adapter_for(model.config)
-    ids = token_ids(tokenizer, read_text(params.data, params.text_field))
-    windows = calibration_windows(ids, params.samples, params.seqlen, params.seed, params.data)
+    windows = training_windows(tokenizer, params)
     hidden, kwargs = capture_block_inputs(model, adapter, windows, dev)
     journal = BlockJournal(out, fingerprint)
     stats: dict[str, torch.Tensor] = {}

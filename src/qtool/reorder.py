@@ -20,11 +20,23 @@ from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import StageWriter, is_complete, stage_fingerprint
+from qtool.checkpoint import StageWriter
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
-from qtool.quant.reorder import ROPE_FREE, check_stats, fold_block, install_gathers, permute_stats, plan_block
-from qtool.runtime import console, load, open_source
+from qtool.quant.reorder import (
+    ROPE_FREE,
+    check_stats,
+    fold_block,
+    install_gathers,
+    permute_stats,
+    plan_block,
+)
+from qtool.runtime import (
+    console,
+    fingerprint_or_skip,
+    load,
+    open_source,
+)
 
 
 @dataclass(frozen=True)
@@ -66,10 +78,9 @@ def reorder(params: ReorderParams, device: str = "auto") -> dict:
     if "reorder" in source.stages:
         raise QtoolError(f"{source.path} is already reordered; reorder its calibrate stage instead")
     out = Path(params.out)
-    fingerprint = stage_fingerprint("reorder", params.fingerprint_params(), source)
-    if is_complete(out, fingerprint):
-        console.print(f"[green]reorder: {out} is complete for these inputs, skipped[/green]")
-        return {"stage": "reorder", "out": str(out), "skipped": True}
+    fingerprint, skipped = fingerprint_or_skip("reorder", params, source)
+    if skipped:
+        return skipped
     t0 = time.time()
     model, tokenizer = load(source)
     adapter = adapter_for(model.config)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from qtool.checkpoint import Stage, check_model_files, open_stage
+from qtool.checkpoint import (
+    Stage,
+    check_model_files,
+    is_complete,
+    open_stage,
+    stage_fingerprint,
+)
+from qtool.data import calibration_windows, read_text, token_ids
 from qtool.errors import QtoolError
 from qtool.models.loading import load_model, load_tokenizer, resolve_model
 
@@ -64,3 +80,20 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+def fingerprint_or_skip(stage: str, params, source: Stage) -> tuple[str, dict | None]:
+    """The stage's fingerprint, and the summary to return when `params.out` already holds this
+    exact stage (same inputs and parameters), so reruns of a recipe skip finished work."""
+    fingerprint = stage_fingerprint(stage, params.fingerprint_params(), source)
+    if is_complete(Path(params.out), fingerprint):
+        console.print(f"[green]{stage}: {params.out} is complete for these inputs, skipped[/green]")
+        return fingerprint, {"stage": stage, "out": str(params.out), "skipped": True}
+    return fingerprint, None
+
+
+def training_windows(tokenizer, params) -> torch.Tensor:
+    """The calibration / training windows a stage's parameters ask for (data, text_field,
+    samples, seqlen, seed)."""
+    ids = token_ids(tokenizer, read_text(params.data, params.text_field))
+    return calibration_windows(ids, params.samples, params.seqlen, params.seed, params.data)

@@ -18,13 +18,20 @@ from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import BlockJournal, StageWriter, is_complete, stage_fingerprint
-from qtool.data import calibration_windows, read_text, token_ids
+from qtool.checkpoint import BlockJournal, StageWriter
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.quant.e2e import export_qparams, install_step_size_linears, restore_linears
 from qtool.quant.qparams import QPARAMS, model_qparams, stage_qparams
-from qtool.runtime import console, load, open_source, pick_device, progress
+from qtool.runtime import (
+    console,
+    fingerprint_or_skip,
+    load,
+    open_source,
+    pick_device,
+    progress,
+    training_windows,
+)
 from qtool.spec import parse_spec, same_weight_format
 
 
@@ -97,10 +104,9 @@ def tune_e2e(params: TuneE2EParams, device: str = "auto", save_every: int = 20) 
     stored = stage_qparams(source)
     if stored is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
         raise QtoolError(f"{source.path} holds {source.spec} weights, not {spec.name}; drop --spec to keep the stage's")
-    fingerprint = stage_fingerprint("tune-e2e", params.fingerprint_params(), source)
-    if is_complete(out, fingerprint):
-        console.print(f"[green]tune-e2e: {out} is complete for these inputs, skipped[/green]")
-        return {"stage": "tune-e2e", "out": str(out), "skipped": True}
+    fingerprint, skipped = fingerprint_or_skip("tune-e2e", params, source)
+    if skipped:
+        return skipped
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -122,8 +128,7 @@ def tune_e2e(params: TuneE2EParams, device: str = "auto", save_every: int = 20) 
     scales = [m.scale for m in modules]
     trainable = sum(s.numel() for s in scales)
 
-    ids = token_ids(tokenizer, read_text(params.data, params.text_field))
-    windows = calibration_windows(ids, params.samples, params.seqlen, params.seed, params.data)
+    windows = training_windows(tokenizer, params)
     micro = math.ceil(params.samples / params.batch_size)
     steps_per_epoch = math.ceil(micro / params.grad_accum)
     total = steps_per_epoch * params.epochs

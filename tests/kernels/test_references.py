@@ -9,7 +9,6 @@ from qtool.kernels.packing import (
     pack_interleaved,
     unpack_interleaved,
     unpack_planes,
-    unpack_u8_acts,
     unpack_u8_weights,
     unpack_wonly,
 )

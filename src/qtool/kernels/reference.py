@@ -12,7 +12,6 @@ from qtool.kernels.packing import (
     WOnlyWeights,
     pack_planes,
     pack_u8_acts,
-    unpack_planes,
     unpack_u8_weights,
     unpack_wonly,
 )
