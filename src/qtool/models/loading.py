@@ -73,7 +73,12 @@ def _convert_gguf(name: str, src: GGUFSource, target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     (tmp / "qtool-source.json").write_text(json.dumps({"id": name, "gguf": gguf.name, "size": gguf.stat().st_size}))
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not is_model_dir(target):  # another process converting at the same time won the race
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_model_dir(path: Path) -> bool:
