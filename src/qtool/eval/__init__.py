@@ -1,0 +1,1 @@
+"""Model evaluation: zero-shot task accuracy (tasks.py)."""
