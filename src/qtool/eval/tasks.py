@@ -32,7 +32,6 @@ class TaskRun:
     """Everything one task produced: the requests, their scores, and the aggregated metrics."""
 
     task: str
-    data_path: Path
     examples: list[Example]
     scores: list[list[Score]]  # per example, one Score per request
     metrics: dict[str, float | int]
@@ -102,7 +101,7 @@ def run_task(
     for example in examples:
         scores.append(flat[start : start + len(example.requests)])
         start += len(example.requests)
-    return TaskRun(task=task, data_path=path, examples=examples, scores=scores, metrics=_metrics(spec, examples, scores))
+    return TaskRun(task=task, examples=examples, scores=scores, metrics=_metrics(spec, examples, scores))
 
 
 def evaluate_tasks(
