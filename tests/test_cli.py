@@ -55,11 +55,16 @@ def bad_inputs(tmp_path, tiny_dir):
         "empty data file": (["calibrate", tiny_dir, "-o", tmp_path / "c", "--data", empty_txt], "holds no text"),
         "static spec without stats": (["eval", tiny_dir, "--spec", "W8A8-tensor"], "qtool calibrate"),
         "no GPU": (["eval", tiny_dir, "--device", "cuda:7"], "--device cpu"),
+        "unknown task": (["eval", tiny_dir, "--tasks", "piqa,hellaswag"], "unknown task 'hellaswag'"),
+        "bad task data": (["eval", tiny_dir, "--tasks", "piqa", "--task-data", "piqa"], "must read TASK=PATH"),
+        "reorder a plain model": (["reorder", tiny_dir, "-o", tmp_path / "r"], "needs a 'calibrate' stage"),
+        "tune-e2e without quantized weights": (["tune-e2e", tiny_dir, "-o", tmp_path / "e"], "has no quantized weights"),
     }
 
 
 CASES = ["missing path", "not a model directory", "unknown id offline", "truncated safetensors", "incompatible manifest",
-         "invalid spec", "unknown recipe key", "empty data file", "static spec without stats", "no GPU"]
+         "invalid spec", "unknown recipe key", "empty data file", "static spec without stats", "no GPU",
+         "unknown task", "bad task data", "reorder a plain model", "tune-e2e without quantized weights"]
 
 
 @pytest.mark.parametrize("case", CASES)

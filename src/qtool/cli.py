@@ -145,22 +145,33 @@ def eval_(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     mem_batch: int = typer.Option(1, min=1, help="Batch size for the KV-cache memory accounting."),
     mem_seqlen: int = typer.Option(2048, min=1, help="Sequence length for the KV-cache memory accounting."),
+    tasks: Optional[str] = typer.Option(None, help="Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada_openai."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N documents of each task."),
+    task_data: Optional[str] = typer.Option(None, help="Replace bundled task files: TASK=PATH[,TASK=PATH]."),
+    ppl: Optional[bool] = typer.Option(None, "--ppl/--no-ppl", help="Perplexity too (default: only when no --tasks)."),
     device: str = DEVICE,
     batch_size: int = BATCH,
     as_json: bool = JSON,
 ):
-    """Perplexity (WikiText-2 protocol) and weight / KV-cache memory of a model or stage."""
+    """Perplexity (WikiText-2 protocol), zero-shot accuracy (lm-evaluation-harness 0.4 rules) and
+    weight / KV-cache memory of a model or stage."""
     from qtool.eval.run import EvalParams, evaluate
+    from qtool.eval.tasks import results_table
+    from qtool.runtime import console
 
-    result = evaluate(EvalParams(model, spec, data, seqlen, windows, text_field, dtype, mem_batch, mem_seqlen), device, batch_size)
+    params = EvalParams(model, spec, data, seqlen, windows, text_field, dtype, mem_batch, mem_seqlen, tasks, limit, task_data, ppl)
+    result = evaluate(params, device, batch_size)
     mem = result["memory"]
-    rows = {
-        "model": result["model"], "spec": result["spec"], "perplexity": result["ppl"],
-        "windows x seqlen": f"{result['windows']} x {result['seqlen']}",
+    rows = {"model": result["model"], "spec": result["spec"]}
+    if result["ppl"] is not None:
+        rows.update({"perplexity": result["ppl"], "windows x seqlen": f"{result['windows']} x {result['seqlen']}"})
+    rows.update({
         "weights": f"{mem['weight_bytes'] / 2**20:.1f} MiB ({mem['weight_bits_per_param']:.3f} bits/param in block linears)",
         f"KV cache (batch {mem['batch']}, {mem['seqlen']} tokens)": f"{mem['kv_bytes'] / 2**20:.1f} MiB",
         "time": f"{result['seconds']} s on {result['device']}",
-    }
+    })
+    if "tasks" in result:
+        console.print(results_table(result["tasks"], title=f"zero-shot, {result['spec']}"))
     _finish(result, as_json, _kv_table("qtool eval", rows))
 
 
@@ -210,7 +221,12 @@ def run(
     for col in ("step", "stage", "result"):
         table.add_column(col)
     for step, res in enumerate(results):
-        summary = f"ppl {res['ppl']:.3f} ({res['spec']}, {res['windows']} x {res['seqlen']})" if "ppl" in res else res.get("out", "")
+        if res.get("ppl") is not None:
+            summary = f"ppl {res['ppl']:.3f} ({res['spec']}, {res['windows']} x {res['seqlen']})"
+        elif "tasks" in res:
+            summary = ", ".join(f"{t} acc {m['acc']:.4f}" for t, m in res["tasks"].items())
+        else:
+            summary = res.get("out", "")
         table.add_row(str(step), res["stage"] + (" (skipped)" if res.get("skipped") else ""), summary)
     _finish({"recipe": recipe, "steps": results}, as_json, table)
 

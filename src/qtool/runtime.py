@@ -10,10 +10,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from qtool.checkpoint import (
     Stage,
@@ -69,12 +71,19 @@ def load(stage: Stage, dtype: torch.dtype = torch.float32):
     return model, load_tokenizer(stage.path)
 
 
+class _InfoColumn(ProgressColumn):
+    """The task's `info` field (block, loss, rate), blank for tasks that set none."""
+
+    def render(self, task) -> Text:
+        return Text(str(task.fields.get("info", "")))
+
+
 def progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        _InfoColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,

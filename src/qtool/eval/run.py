@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from qtool.data import eval_windows, read_text, token_ids
 from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
+from qtool.eval.tasks import evaluate_tasks
 from qtool.models.adapters import adapter_for
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.qparams import stage_qparams
@@ -28,13 +30,31 @@ class EvalParams:
     dtype: str = "float32"
     mem_batch: int = 1
     mem_seqlen: int = 2048
+    tasks: str | None = None  # comma-separated zero-shot tasks; perplexity is then skipped unless ppl=True
+    limit: int | None = None  # first N documents of each task
+    task_data: str | None = None  # task=path,... replacing bundled task files
+    ppl: bool | None = None  # None: perplexity when no tasks are asked for
 
     def fingerprint_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
+def _task_list(params: EvalParams) -> tuple[list[str], dict[str, Path]]:
+    tasks = [t.strip() for t in (params.tasks or "").split(",") if t.strip()]
+    data_paths = {}
+    for item in (params.task_data or "").split(","):
+        if item.strip():
+            task, sep, path = item.partition("=")
+            if not sep or not path:
+                raise QtoolError(f"--task-data '{item}' must read TASK=PATH, e.g. piqa=/data/piqa.jsonl")
+            data_paths[task.strip()] = Path(path.strip())
+    return tasks, data_paths
+
+
 def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> dict:
-    """Perplexity and memory accounting; returns the result as a flat dict."""
+    """Perplexity, zero-shot accuracy and memory accounting; returns the result as a dict."""
+    tasks, data_paths = _task_list(params)
+    want_ppl = params.ppl if params.ppl is not None else not tasks
     source = open_source(params.model)
     spec = parse_spec(params.spec or source.spec or "W16A16")
     dev = pick_device(device)
@@ -48,21 +68,25 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
     apply_spec(model, adapter, spec, stats, qparams, clusters)
     model.to(dev)
-    ids = token_ids(tokenizer, read_text(params.data, params.text_field))
-    windows = eval_windows(ids, params.seqlen, params.windows, params.data)
-    with progress() as bar:
-        task = bar.add_task(f"eval {spec.name}", total=windows.shape[0], info=f"{params.seqlen} tokens/window")
-        nlls = window_nlls(model, windows, dev, batch_size, on_batch=lambda n: bar.update(task, advance=n))
+    result: dict = {"ppl": None, "windows": 0, "tokens": 0}
+    if want_ppl:
+        ids = token_ids(tokenizer, read_text(params.data, params.text_field))
+        windows = eval_windows(ids, params.seqlen, params.windows, params.data)
+        with progress() as bar:
+            task = bar.add_task(f"eval {spec.name}", total=windows.shape[0], info=f"{params.seqlen} tokens/window")
+            nlls = window_nlls(model, windows, dev, batch_size, on_batch=lambda n: bar.update(task, advance=n))
+        result = {"ppl": perplexity(nlls), "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
+    if tasks:
+        with progress() as bar:
+            result["tasks"] = evaluate_tasks(model, tokenizer, tasks, params.limit, batch_size, data_paths, bar)
     memory = memory_report(model.config, adapter, spec, params.mem_batch, params.mem_seqlen)
     return {
         "model": str(source.path),
         "stage": source.name,
         "spec": spec.name,
         "data": params.data,
-        "ppl": perplexity(nlls),
         "seqlen": params.seqlen,
-        "windows": int(windows.shape[0]),
-        "tokens": int(windows.numel()),
+        **result,
         "device": str(dev),
         "dtype": params.dtype,
         "seconds": round(time.time() - t0, 2),
