@@ -8,6 +8,8 @@ w = (codes - zero) * scale, so d loss / d scale = sum over the group of (codes -
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,7 @@ def install_step_size_linears(model: nn.Module, adapter: Adapter, qparams: dict[
     installed = []
     for index, block in enumerate(adapter.layers(model)):
         for name, linear in adapter.linears(block).items():
-            key = lambda what: qparam_key(index, name, what)  # noqa: E731
+            key = partial(qparam_key, index, name)
             module = StepSizeLinear(qparams[key("codes")], qparams[key("scale")], qparams[key("zero")], group, linear.bias)
             module.to(linear.weight.device)
             parent_name, _, leaf = name.rpartition(".")

@@ -9,6 +9,8 @@ fresh round-to-nearest ranges.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from qtool.checkpoint import Stage
@@ -34,7 +36,7 @@ def model_qparams(model, adapter: Adapter, spec: QuantSpec, stored: dict[str, to
     out = {}
     for index, block in enumerate(adapter.layers(model)):
         for name, linear in adapter.linears(block).items():
-            key = lambda what: qparam_key(index, name, what)  # noqa: E731
+            key = partial(qparam_key, index, name)
             scale = zero = None
             if stored is not None:
                 scale, zero = stored[key("scale")], stored[key("zero")]
