@@ -9,10 +9,10 @@ with the learned parameters. Learning rates left unset take the preset's default
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.checkpoint import BlockJournal, StageWriter
+from qtool.checkpoint import BlockJournal, StageWriter, TextStageParams
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.quant.blockwise_train import PRESETS, TrainSettings, train_blocks
@@ -30,15 +30,9 @@ from qtool.spec import parse_spec
 
 
 @dataclass(frozen=True)
-class BlockAPParams:
-    model: str
-    out: str
+class BlockAPParams(TextStageParams):
     preset: str = "omniquant"
     spec: str = "W4A16-g128"
-    data: str = "wikitext2-valid"
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
     epochs: int = 2
     batch: int = 1
     lr_let: float | None = None
@@ -48,10 +42,6 @@ class BlockAPParams:
     lr_comp: float | None = None
     cosine: bool | None = None  # None: the preset's choice
     alpha: float = 0.5
-    text_field: str = "text"
-
-    def fingerprint_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
 
     def settings(self) -> TrainSettings:
         preset = PRESETS[self.preset]

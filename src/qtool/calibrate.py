@@ -8,12 +8,12 @@ and value projections also of each output channel. Reorder (RPTQ), LET initialis
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import BlockJournal, StageWriter
+from qtool.checkpoint import BlockJournal, StageWriter, TextStageParams
 from qtool.models.adapters import adapter_for
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.fakequant import stat_prefix
@@ -29,17 +29,8 @@ from qtool.runtime import (
 
 
 @dataclass(frozen=True)
-class CalibrateParams:
-    model: str
-    out: str
-    data: str = "wikitext2-valid"
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    text_field: str = "text"
-
-    def fingerprint_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
+class CalibrateParams(TextStageParams):
+    """Calibration needs only its text windows."""
 
 
 class _ChannelStats:

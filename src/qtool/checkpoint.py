@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -133,6 +133,29 @@ def open_stage(path: Path) -> Stage:
     if manifest.get("format") != FORMAT:
         raise QtoolError(f"{path} was written by an incompatible qtool (format {manifest.get('format')}, need {FORMAT}); re-create it")
     return Stage(path, manifest)
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What every stage is given: its input and its output directory. Every other field is a
+    parameter of the result and goes into the fingerprint."""
+
+    model: str
+    out: str
+
+    def fingerprint_params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
+
+
+@dataclass(frozen=True)
+class TextStageParams(StageParams):
+    """A stage that samples `samples` windows of `seqlen` tokens (seed `seed`) from `data`."""
+
+    data: str = "wikitext2-valid"
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    text_field: str = "text"
 
 
 def stage_fingerprint(stage: str, params: dict, parent: Stage) -> str:

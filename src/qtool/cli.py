@@ -61,7 +61,7 @@ def calibrate(
     from qtool.calibrate import CalibrateParams
     from qtool.calibrate import calibrate as run
 
-    result = run(CalibrateParams(model, out, data, samples, seqlen, seed, text_field), device, batch_size)
+    result = run(CalibrateParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field), device, batch_size)
     _finish(result, as_json)
 
 
@@ -91,8 +91,10 @@ def tune_e2e(
     from qtool.tune_e2e import TuneE2EParams
     from qtool.tune_e2e import tune_e2e as run
 
-    params = TuneE2EParams(model, out, spec, data, samples, seqlen, seed, text_field, epochs, lr, weight_decay,
-                           warmup_ratio, batch_size, grad_accum, max_grad_norm, grad_checkpointing)
+    params = TuneE2EParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                           spec=spec, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                           batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                           grad_checkpointing=grad_checkpointing)
     result = run(params, device, save_every)
     rows = {k: result[k] for k in ("out", "spec", "steps", "final_loss", "trainable_params", "device", "seconds") if k in result}
     if "peak_memory_bytes" in result:
@@ -111,7 +113,7 @@ def reorder(
     from qtool.reorder import ReorderParams
     from qtool.reorder import reorder as run
 
-    _finish(run(ReorderParams(model, out, clusters, head_clusters, seed)), as_json)
+    _finish(run(ReorderParams(model, out, clusters=clusters, head_clusters=head_clusters, seed=seed)), as_json)
 
 
 @app.command()
@@ -202,8 +204,9 @@ def train_blockap(
     from qtool.blockap import BlockAPParams
     from qtool.blockap import train_blockap as run_stage
 
-    params = BlockAPParams(model, out, preset, spec, data, samples, seqlen, seed, epochs, train_batch,
-                           lr_let, lr_lwc, lr_weight, lr_qparams, lr_comp, cosine, alpha, text_field)
+    params = BlockAPParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
+                           preset=preset, spec=spec, epochs=epochs, batch=train_batch, lr_let=lr_let, lr_lwc=lr_lwc,
+                           lr_weight=lr_weight, lr_qparams=lr_qparams, lr_comp=lr_comp, cosine=cosine, alpha=alpha)
     _finish(run_stage(params, device, train_batch), as_json)
 
 

@@ -15,12 +15,12 @@ weights have the permutations folded in. It holds:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import StageWriter
+from qtool.checkpoint import StageParams, StageWriter
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.quant.reorder import (
@@ -40,15 +40,10 @@ from qtool.runtime import (
 
 
 @dataclass(frozen=True)
-class ReorderParams:
-    model: str
-    out: str
+class ReorderParams(StageParams):
     clusters: int = 32  # per norm output (R1, R4) and MLP middle (R5)
     head_clusters: int = 4  # per KV head, for K (R2) and V (R3)
     seed: int = 0
-
-    def fingerprint_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
 
 
 @torch.no_grad()

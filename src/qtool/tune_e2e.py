@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import BlockJournal, StageWriter
+from qtool.checkpoint import BlockJournal, StageWriter, TextStageParams
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.quant.e2e import export_qparams, install_step_size_linears, restore_linears
@@ -36,15 +36,8 @@ from qtool.spec import parse_spec, same_weight_format
 
 
 @dataclass(frozen=True)
-class TuneE2EParams:
-    model: str
-    out: str
+class TuneE2EParams(TextStageParams):
     spec: str | None = None  # weight-only spec for a start from RTN; default: the stage's
-    data: str = "wikitext2-valid"
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    text_field: str = "text"
     epochs: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -53,9 +46,6 @@ class TuneE2EParams:
     grad_accum: int = 8
     max_grad_norm: float = 0.3
     grad_checkpointing: bool = True
-
-    def fingerprint_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

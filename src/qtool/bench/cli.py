@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 
-from qtool.bench.kernels import DEFAULT_M, DEFAULT_PATHS, DEFAULT_SHAPES, parse_shapes, run_bench
+from qtool.bench.kernels import (
+    DEFAULT_M,
+    DEFAULT_PATHS,
+    DEFAULT_SHAPES,
+    parse_shapes,
+    run_bench,
+)
 from qtool.errors import QtoolError
 
 app = typer.Typer(help="Benchmark qtool's GPU kernels against torch fp16 and torch._int_mm.", no_args_is_help=True)

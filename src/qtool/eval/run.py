@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qtool.data import eval_windows, read_text, token_ids
+from qtool.errors import QtoolError
 from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.eval.tasks import evaluate_tasks
@@ -15,7 +16,6 @@ from qtool.quant.fakequant import apply_spec
 from qtool.quant.qparams import stage_qparams
 from qtool.quant.reorder import cluster_bounds
 from qtool.runtime import load, open_source, pick_device, pick_dtype, progress
-from qtool.errors import QtoolError
 from qtool.spec import parse_spec, same_weight_format
 
 

@@ -15,13 +15,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from qtool.errors import QtoolError
 from qtool.eval.zeroshot.definitions import TASKS, Example, TaskSpec, task_spec
 from qtool.eval.zeroshot.loglikelihood import LoglikelihoodScorer, Score
-from qtool.eval.zeroshot.metrics import choice_predictions, mean, mean_stderr, perplexity, perplexity_stderr
-from qtool.errors import QtoolError
+from qtool.eval.zeroshot.metrics import (
+    choice_predictions,
+    mean,
+    mean_stderr,
+    perplexity,
+    perplexity_stderr,
+)
 from qtool.paths import repo_data_dir
 
 KNOWN_TASKS: tuple[str, ...] = tuple(TASKS)

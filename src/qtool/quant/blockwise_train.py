@@ -29,9 +29,9 @@ from qtool.models.adapters import Adapter
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.block_losses import LOSSES
 from qtool.quant.fakequant import activation_hooks
-from qtool.quant.qparams import qparam_key
 from qtool.quant.learned_weights import QUANTIZERS, fake_quant_grouped
 from qtool.quant.let import apply_let, init_let, let_plan
+from qtool.quant.qparams import qparam_key
 from qtool.quant.quantizer import fake_quant_weight
 from qtool.spec import QuantSpec
 

@@ -17,7 +17,12 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.models.adapters import Adapter
 from qtool.quant.qparams import qparam_key
-from qtool.quant.quantizer import fake_quant, fake_quant_per_token, fake_quant_weight, minmax_qparams
+from qtool.quant.quantizer import (
+    fake_quant,
+    fake_quant_per_token,
+    fake_quant_weight,
+    minmax_qparams,
+)
 from qtool.spec import QuantSpec
 
 

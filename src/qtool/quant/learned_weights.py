@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from qtool.quant.quantizer import EPS, fake_quant, from_groups, minmax_qparams, round_ste, to_groups, weight_qparams
+from qtool.quant.quantizer import (
+    EPS,
+    fake_quant,
+    from_groups,
+    minmax_qparams,
+    round_ste,
+    to_groups,
+    weight_qparams,
+)
 from qtool.spec import QuantSpec
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982: start next to the full (unclipped) range

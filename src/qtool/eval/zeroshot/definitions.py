@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from qtool.eval.zeroshot.taskfiles import read_labels, read_records, record_error
 from qtool.errors import QtoolError
+from qtool.eval.zeroshot.taskfiles import read_labels, read_records, record_error
 
 TARGET_DELIMITER = " "
 
