@@ -19,7 +19,7 @@ Grammar of a name (case-insensitive on input, canonical on output):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from qtool.errors import QtoolError
 
@@ -105,9 +105,6 @@ class QuantSpec:
 
     def __str__(self) -> str:
         return self.name
-
-    def with_(self, **changes) -> "QuantSpec":
-        return replace(self, **changes)
 
 
 def same_weight_format(a: QuantSpec, b: QuantSpec) -> bool:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from qtool.errors import QtoolError
 
-PATHS = ("wonly_gemv", "wonly_dequant_mm", "bitplane", "u8", "fp16")
 TABLE_NAME = "kernel_table.json"
 
 

@@ -35,7 +35,6 @@ from qtool.models.adapters import Adapter
 from qtool.quant.fakequant import stat_prefix
 
 ROPE_FREE = ("opt",)
-SITES = ("attn_in", "q_k", "v_o", "mlp_in", "mlp_mid")
 STATS = ("min", "max", "absmax")
 
 
