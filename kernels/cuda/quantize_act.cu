@@ -1,6 +1,7 @@
 // Activation quantize-and-pack: per token (row) and per contiguous K-cluster, asymmetric q-bit
 // codes q = clamp(rint(x / s) + z, 0, 2^q - 1) with s = max((max - min) / (2^q - 1), 1e-8),
-// z = clamp(rint(-min / s), 0, 2^q - 1). Output in the segment-padded K order of the GEMMs
+// z = clamp(rint(-min / s), 0, 2^q - 1), where the range [min, max] is widened to include 0 (as the
+// fake quantizer of qtool's stages does, so packed models reproduce their stage). Output in the segment-padded K order of the GEMMs
 // (bit-planes or u8 bytes) plus per-segment code sums for the zero-point correction.
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -45,6 +46,7 @@ __global__ void __launch_bounds__(256) quantize_act(
       lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
       hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
+    lo = fminf(lo, 0.f); hi = fmaxf(hi, 0.f);
     if (lane == 0) {
       // explicit round-to-nearest ops (no contraction, no reciprocal): the torch reference
       // (quantize_codes) performs the same IEEE fp32 operations, so scales and codes match bit for bit

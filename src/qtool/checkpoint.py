@@ -208,7 +208,12 @@ class StageWriter:
         self.tmp.mkdir(parents=True)
         for src in self.parent.path.iterdir():
             if src.is_file() and src.name != MANIFEST:
-                _link_or_copy(src, self.tmp / src.name)
+                # only tensor files are shared (and always unlinked before being replaced); small
+                # files such as config.json are copied, so writing them can never reach the parent
+                if src.suffix == ".safetensors":
+                    _link_or_copy(src, self.tmp / src.name)
+                else:
+                    shutil.copy2(src, self.tmp / src.name)
         return self
 
     def save_model(self, model, tokenizer=None) -> None:

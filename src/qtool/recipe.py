@@ -42,6 +42,7 @@ def _steps() -> dict[str, StepKind]:
     from qtool.blockap import BlockAPParams, train_blockap
     from qtool.calibrate import CalibrateParams, calibrate
     from qtool.eval.run import EvalParams, evaluate
+    from qtool.pack import PackParams, pack
     from qtool.reorder import ReorderParams, reorder
     from qtool.tune_e2e import TuneE2EParams, tune_e2e
 
@@ -50,6 +51,7 @@ def _steps() -> dict[str, StepKind]:
         "reorder": StepKind(ReorderParams, reorder, True),
         "train-blockap": StepKind(BlockAPParams, train_blockap, True),
         "tune-e2e": StepKind(TuneE2EParams, tune_e2e, True),
+        "pack": StepKind(PackParams, pack, True),
         "eval": StepKind(EvalParams, evaluate, False),
     }
 

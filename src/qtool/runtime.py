@@ -61,7 +61,12 @@ def open_source(ref: str) -> Stage:
 
 def load(stage: Stage, dtype: torch.dtype = torch.float32):
     """(model on CPU, tokenizer) of a model or stage directory. A reordered stage (RPTQ) gets its
-    norms' output gathers back: they are part of the model but not of the transformers weights."""
+    norms' output gathers back: they are part of the model but not of the transformers weights.
+    A packed checkpoint (`qtool pack`) loads with its packed linears."""
+    from qtool.packed.model import load_packed, read_quantization_config
+
+    if read_quantization_config(stage.path) is not None:
+        return load_packed(stage.path, dtype), load_tokenizer(stage.path)
     model = load_model(stage.path, dtype=dtype, device="cpu")
     if stage.has_tensors("reorder"):
         from qtool.models.adapters import adapter_for

@@ -12,6 +12,7 @@ from qtool.eval.memory import memory_report
 from qtool.eval.perplexity import perplexity, window_nlls
 from qtool.eval.tasks import evaluate_tasks
 from qtool.models.adapters import adapter_for
+from qtool.packed.model import packed_bytes, read_quantization_config, to_kernel_form
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.qparams import stage_qparams
 from qtool.quant.reorder import cluster_bounds
@@ -56,6 +57,9 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     tasks, data_paths = _task_list(params)
     want_ppl = params.ppl if params.ppl is not None else not tasks
     source = open_source(params.model)
+    packed = read_quantization_config(source.path) is not None
+    if packed and params.spec and parse_spec(params.spec) != parse_spec(source.spec):
+        raise QtoolError(f"{source.path} is packed for {source.spec}; drop --spec (a packed checkpoint runs its own spec)")
     spec = parse_spec(params.spec or source.spec or "W16A16")
     dev = pick_device(device)
     t0 = time.time()
@@ -66,8 +70,13 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
         raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
-    apply_spec(model, adapter, spec, stats, qparams, clusters)
-    model.to(dev)
+    if packed:
+        model.to(dev)
+        if dev.type == "cuda":
+            to_kernel_form(model)
+    else:
+        apply_spec(model, adapter, spec, stats, qparams, clusters)
+        model.to(dev)
     result: dict = {"ppl": None, "windows": 0, "tokens": 0}
     if want_ppl:
         ids = token_ids(tokenizer, read_text(params.data, params.text_field))
@@ -91,4 +100,5 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
         "dtype": params.dtype,
         "seconds": round(time.time() - t0, 2),
         "memory": memory.as_dict(),
+        **({"packed_bytes": packed_bytes(model)} if packed else {}),
     }

@@ -102,8 +102,8 @@ def pack_wonly(codes, bits: int, scales, zeros, group: int | None) -> WOnlyWeigh
     g = _check_group(k, group, scales.shape[1])
     if k % 32:
         raise QtoolError(f"weight-only kernels need K % 32 == 0, got K={k}: zero-pad K (and x) to a multiple of 32")
-    if g != k and (g & (g - 1) or g < 32 or k % g):
-        raise QtoolError(f"weight-only kernels need a power-of-two group >= 32 dividing K (or per-channel), got group={g}, K={k}")
+    if g != k and (g & (g - 1) or g < 32):
+        raise QtoolError(f"weight-only kernels need a power-of-two group >= 32 (or per-channel), got group={g}, K={k}")
     z = zeros.to(torch.float32)
     if z.numel() and (bool((z != z.round()).any()) or float(z.min()) < 0 or float(z.max()) > 2**bits - 1):
         raise QtoolError(f"zeros must be integers in [0, {2**bits - 1}]: round the zero points before packing")

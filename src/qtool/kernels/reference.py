@@ -19,13 +19,14 @@ from qtool.kernels.segments import Segments
 
 
 def quantize_codes(x: torch.Tensor, bits: int, seg: Segments):
-    """Per-token per-cluster asymmetric codes: (codes [M,K] int64, scale [M,C], zero [M,C]) in fp32."""
+    """Per-token per-cluster asymmetric codes: (codes [M,K] int64, scale [M,C], zero [M,C]) in fp32.
+    Each range includes 0, as in the stages' fake quantizer (quant.quantizer.minmax_qparams)."""
     qmax = float(2**bits - 1)
     xf = x.to(torch.float32)
     scales, zeros, codes = [], [], []
     for a, b in zip(seg.clusters[:-1], seg.clusters[1:]):
         part = xf[:, a:b]
-        lo, hi = part.amin(1, keepdim=True), part.amax(1, keepdim=True)
+        lo, hi = part.amin(1, keepdim=True).clamp_max(0), part.amax(1, keepdim=True).clamp_min(0)
         # divide by a tensor, not a Python scalar: CUDA torch turns `t / scalar` into `t * (1/scalar)`,
         # which is an ulp off the kernel's IEEE division (__fdiv_rn) for some inputs
         s = ((hi - lo) / torch.full_like(hi, qmax)).clamp_min(1e-8)

@@ -1,0 +1,93 @@
+"""`qtool pack`: from a quantized stage (or any model with --spec, RTN) to a packed checkpoint.
+
+The weights are quantized exactly as `qtool eval` quantizes them for the same stage (learned
+scales and zeros where the stage has them, RTN ranges otherwise; RPTQ clusters from a reorder
+stage), then written in the layout of the kernel that runs them. `--format gptq` and
+`--format compressed-tensors` write weight-only exports for other runtimes instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtool.checkpoint import STAGE_PREFIX, WEIGHT_PATTERNS, StageParams, StageWriter
+from qtool.errors import QtoolError
+from qtool.models.adapters import adapter_for
+from qtool.packed.linear import PackedLinear
+from qtool.packed.model import pack_model, read_quantization_config, save_packed
+from qtool.quant.qparams import stage_qparams
+from qtool.quant.reorder import cluster_bounds
+from qtool.runtime import console, fingerprint_or_skip, load, open_source, pick_dtype
+from qtool.spec import parse_spec, same_weight_format
+
+FORMATS = ("qtool", "gptq", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class PackParams(StageParams):
+    spec: str | None = None  # None: the stage's own spec
+    format: str = "qtool"
+    dtype: str = "float32"  # of the tensors that stay float (embeddings, norms, head)
+
+
+def _prepared(params: PackParams):
+    """(source, spec, model with its stage's weights, adapter, qparams, clusters), as eval sees them."""
+    source = open_source(params.model)
+    if read_quantization_config(source.path) is not None:
+        raise QtoolError(f"{source.path} is already packed; pack the stage it came from")
+    if not source.spec and not params.spec:
+        raise QtoolError(f"{source.path} is not quantized: pass --spec (e.g. W4A16-g128) to pack it with RTN, or pack a quantized stage")
+    spec = parse_spec(params.spec or source.spec)
+    qparams = stage_qparams(source)
+    if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
+        raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
+    model, tokenizer = load(source, pick_dtype(params.dtype))
+    adapter = adapter_for(model.config)
+    clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
+    return source, spec, model, tokenizer, adapter, qparams, clusters
+
+
+def pack(params: PackParams, device: str = "auto") -> dict:
+    """Write the packed checkpoint (or find it complete) and return its summary. Packing is cheap
+    CPU work (rounding and bit shuffles), so `device` is not used."""
+    if params.format not in FORMATS:
+        raise QtoolError(f"unknown --format {params.format!r}: use one of {', '.join(FORMATS)}")
+    pick_dtype(params.dtype)
+    source = open_source(params.model)
+    fingerprint, skipped = fingerprint_or_skip("pack", params, source)
+    if skipped:
+        return skipped
+    t0 = time.time()
+    source, spec, model, tokenizer, adapter, qparams, clusters = _prepared(params)
+    if params.format != "qtool":
+        from qtool.packed.exports import export_model
+
+        return export_model(params, source, spec, model, tokenizer, adapter, qparams, t0)
+    layout = pack_model(model, adapter, spec, qparams, clusters)
+    with StageWriter(Path(params.out), "pack", params.fingerprint_params(), source, spec=spec.name) as writer:
+        for pattern in (*WEIGHT_PATTERNS, f"{STAGE_PREFIX}*.safetensors"):
+            for f in writer.tmp.glob(pattern):
+                f.unlink()  # the packed file replaces the float weights and every stage tensor
+        save_packed(model, writer.tmp, spec, layout)
+        summary = pack_summary(model, writer.tmp)
+        writer.metrics.update(summary)
+        writer.timings["pack_s"] = round(time.time() - t0, 3)
+        writer.commit()
+    console.print(f"pack: {spec.name} ({layout}) -> {params.out}: {summary['disk_bytes'] / 2**20:.1f} MiB on disk, "
+                  f"{summary['bits_per_weight']:.3f} bits/weight stored, {summary['bits_per_weight_gpu']:.3f} on the GPU")
+    return {"stage": "pack", "out": str(params.out), "skipped": False, "spec": spec.name, "layout": layout, **summary,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def pack_summary(model, directory: Path) -> dict:
+    """Size on disk and true bits per weight of the block linears (scales, zeros and sums included),
+    as stored and as held on the GPU (kernel form)."""
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    params = sum(m.in_features * m.out_features for m in linears)
+    stored = sum(m.nbytes for m in linears)
+    gpu = sum(m.kernel_nbytes for m in linears)
+    disk = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    return {"disk_bytes": disk, "linear_params": params, "linear_bytes": stored,
+            "bits_per_weight": 8 * stored / params, "bits_per_weight_gpu": 8 * gpu / params}

@@ -1,0 +1,183 @@
+"""PackedLinear: a block linear holding its weights in a kernel layout instead of floats.
+
+On a GPU it calls the kernels (weight-only GEMV/GEMM, or activation quantize-and-pack followed by
+the u8 / bit-plane GEMM); on the CPU it runs the torch reference of the same quantized product:
+weights dequantized from the packed codes with the stage's fp32 scales, activations fake-quantized
+by the stage's own quantizer, so a packed model on the CPU reproduces its stage exactly. Where the
+spec quantizes the KV cache, the key and value projections quantize their outputs the same way on
+both devices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtool import kernels
+from qtool.errors import QtoolError
+from qtool.kernels.packing import WONLY_BITS, LowbitWeights, WOnlyWeights, unpack_planes, unpack_u8_weights, unpack_wonly
+from qtool.kernels.segments import make_segments
+from qtool.quant.fakequant import ActQuantizer
+from qtool.quant.quantizer import dequantize_weight, fake_quant_per_token
+from qtool.spec import QuantSpec
+
+
+def choose_layout(spec: QuantSpec) -> str:
+    """The kernel layout a spec packs into, or a one-line error when no kernel runs it."""
+    bits = spec.w_storage_bits
+    if not spec.quantizes_weights:
+        raise QtoolError(f"{spec.name} leaves the weights in float: pack a quantized spec, e.g. --spec W4A16-g128")
+    if spec.uses_ranges and spec.a_static:
+        raise QtoolError(f"{spec.name} uses static activation ranges, which no kernel supports: pack the dynamic variant ({spec.name}-dynamic)")
+    if spec.quantizes_activations and spec.a_granularity == "tensor":
+        raise QtoolError(f"{spec.name}: no kernel takes per-tensor activation ranges; pack per-token (drop -tensor) or -cluster-dynamic")
+    if not spec.quantizes_activations:
+        if bits not in WONLY_BITS:
+            raise QtoolError(f"{spec.name}: weight-only kernels exist for {WONLY_BITS} bits, not {bits}; quantize to one of those")
+        return "wonly"
+    if spec.a_bits > 8:
+        raise QtoolError(f"{spec.name}: low-bit GEMMs take activations of at most 8 bits")
+    return "u8" if bits <= 4 else "planes"
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W in a packed kernel layout (see kernels/cuda/README.md).
+
+    Buffers: `qweight` (+ `qweight_hi` for 3-bit weight-only) in the layout's int32 words, `scales`
+    fp32 [N, G], `zeros` uint8 [N, G], `terms` (per-segment code sums, low-bit GEMMs), `act_bounds`
+    (activation clusters), `kv_bounds` (output clusters of K/V under -cluster), `bias`.
+    """
+
+    def __init__(self, layout: str, bits: int, in_features: int, out_features: int, group: int, buffers: dict,
+                 a_bits: int = 16, kv_bits: int = 16, head_dim: int | None = None):
+        super().__init__()
+        self.layout, self.bits, self.group = layout, bits, group
+        self.in_features, self.out_features = in_features, out_features
+        self.a_bits, self.kv_bits, self.head_dim = a_bits, kv_bits, head_dim
+        for name, t in buffers.items():
+            if t is not None:
+                self.register_buffer(name, t)
+        if "bias" not in self._buffers:
+            self.bias = None
+        bounds = buffers.get("act_bounds")
+        self.segments = None if layout == "wonly" else make_segments(in_features, group or None, bounds, layout)
+        self._dense = self._kw = None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes, scale, zero, spec: QuantSpec, layout: str, bias=None, act_bounds=None,
+                   kv: bool = False, kv_bounds=None, head_dim: int | None = None) -> "PackedLinear":
+        """Pack one linear's codes [N, K] (uint8), scales and zeros [N, G] for `layout`."""
+        n, k = codes.shape
+        bits, group = spec.w_storage_bits, spec.group
+        if layout == "wonly":
+            w = kernels.pack_wonly(codes, bits, scale, zero, group or None)
+            buffers = {"qweight": w.data, "qweight_hi": w.hi}
+        else:
+            w = kernels.pack_lowbit(codes, bits, scale, zero, group or None, act_bounds, layout)
+            buffers = {"qweight": w.data, "terms": w.terms}
+        buffers.update(scales=scale.float().contiguous(), zeros=zero.to(torch.uint8).contiguous(), bias=bias,
+                       act_bounds=None if act_bounds is None else torch.as_tensor(act_bounds, dtype=torch.int32),
+                       kv_bounds=None if kv_bounds is None else torch.as_tensor(kv_bounds, dtype=torch.int32))
+        return cls(layout, bits, k, n, group, buffers, spec.a_bits, spec.kv_bits if kv else 16, head_dim)
+
+    # -- weights ----------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Weight codes [N, K] (int64) read back from the packed layout."""
+        if self.layout == "wonly":
+            return unpack_wonly(self._wonly())[0]
+        if self.layout == "u8":
+            return unpack_u8_weights(self.qweight, self.segments)
+        return unpack_planes(self.qweight, self.segments)
+
+    def dequantized(self) -> torch.Tensor:
+        """fp32 W_hat = (codes - zero) * scale, the same arithmetic as the stage's fake quantization."""
+        return dequantize_weight(self.codes(), self.scales, self.zeros.float(), self.group)
+
+    def _wonly(self) -> WOnlyWeights:
+        sz = self.sz if "sz" in self._buffers else self._sz()
+        group = self.group or self.in_features
+        return WOnlyWeights(self.bits, self.out_features, self.in_features, group, self.qweight,
+                            getattr(self, "qweight_hi", None), sz.contiguous())
+
+    def _sz(self) -> torch.Tensor:
+        """The weight-only kernels' per-group word: fp16 scale | fp16(1024 + zero) << 16."""
+        s16 = self.scales.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+        z16 = (self.zeros.float() + 1024).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+        return s16 | (z16 << 16)
+
+    def _lowbit(self) -> LowbitWeights:
+        return LowbitWeights(self.layout, self.bits, self.out_features, self.in_features, self.qweight, self.terms, self.segments)
+
+    def _kernel_weights(self):
+        """The packed-weight record the kernels take, built once per device."""
+        if self._kw is None or self._kw.data.device != self.qweight.device:
+            self._kw = self._wonly() if self.layout == "wonly" else self._lowbit()
+        return self._kw
+
+    def to_kernel_form(self) -> "PackedLinear":
+        """Keep only what the kernels read (packed words, fp16 scale|zero words or segment sums),
+        dropping the fp32 scales and zeros that the exact CPU reference needs: this is the memory a
+        packed layer costs on the GPU."""
+        self._kernel_weights()
+        for name in ("scales", "zeros"):
+            self._buffers.pop(name, None)
+        if self.layout == "wonly":
+            self.register_buffer("sz", self._kw.sz)
+        self._dense = None
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layer holds (packed words, scales, zeros, sums, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def kernel_nbytes(self) -> int:
+        """Bytes the layer holds in kernel form (`to_kernel_form`)."""
+        dropped = {"scales", "zeros"} if "scales" in self._buffers else set()
+        extra = 4 * self.scales.numel() if self.layout == "wonly" and dropped else 0  # the sz words
+        return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n not in dropped) + extra
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _act_quantizer(self, bits: int, bounds, width: int) -> ActQuantizer:
+        return ActQuantizer(bits, bounds.cpu() if bounds is not None else torch.tensor([0, width]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x.is_cuda and kernels.cuda_runtime.cupy_available():
+            y = self._forward_kernel(x2)
+        else:
+            y = self._forward_reference(x2)
+        y = y.reshape(*shape[:-1], self.out_features)
+        if self.kv_bits < 16:
+            kvb = getattr(self, "kv_bounds", None)
+            if kvb is not None:
+                y = self._act_quantizer(self.kv_bits, kvb, self.out_features)(y)
+            else:
+                y = fake_quant_per_token(y, self.kv_bits, width=self.head_dim)
+        return y
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits < 16:
+            x = self._act_quantizer(self.a_bits, getattr(self, "act_bounds", None), self.in_features)(x)
+        if self._dense is None or self._dense.device != x.device:
+            self._dense = self.dequantized().to(x.device)  # kept: the reference path trades memory for speed
+        return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            x = x.half()  # the kernels compute on 16-bit activations
+        w = self._kernel_weights()
+        if self.layout == "wonly":
+            y = kernels.w_only_gemm(x, w, self.bias)
+        else:
+            y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        a = f", a_bits={self.a_bits}" if self.a_bits < 16 else ""
+        kv = f", kv_bits={self.kv_bits}" if self.kv_bits < 16 else ""
+        return f"in={self.in_features}, out={self.out_features}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
