@@ -192,6 +192,7 @@ class StageWriter:
     spec: str | None = None
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    inherit_tensors: bool = True  # False: start from the parent's config and tokenizer only
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -210,8 +211,9 @@ class StageWriter:
             if src.is_file() and src.name != MANIFEST:
                 # only tensor files are shared (and always unlinked before being replaced); small
                 # files such as config.json are copied, so writing them can never reach the parent
-                if src.suffix == ".safetensors":
-                    _link_or_copy(src, self.tmp / src.name)
+                if src.suffix == ".safetensors" or src.name.endswith(".safetensors.index.json"):
+                    if self.inherit_tensors:
+                        _link_or_copy(src, self.tmp / src.name)
                 else:
                     shutil.copy2(src, self.tmp / src.name)
         return self

@@ -8,15 +8,18 @@ stage), then written in the layout of the kernel that runs them. `--format gptq`
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.checkpoint import STAGE_PREFIX, WEIGHT_PATTERNS, StageParams, StageWriter
+from safetensors.torch import save_file
+
+from qtool.checkpoint import StageParams, StageWriter
 from qtool.errors import QtoolError
 from qtool.models.adapters import adapter_for
 from qtool.packed.linear import PackedLinear
-from qtool.packed.model import pack_model, read_quantization_config, save_packed
+from qtool.packed.model import WEIGHTS, pack_model, read_quantization_config, save_packed
 from qtool.quant.qparams import stage_qparams
 from qtool.quant.reorder import cluster_bounds
 from qtool.runtime import console, fingerprint_or_skip, load, open_source, pick_dtype
@@ -43,10 +46,37 @@ def _prepared(params: PackParams):
     qparams = stage_qparams(source)
     if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
         raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
-    model, tokenizer = load(source, pick_dtype(params.dtype))
+    model, _ = load(source, pick_dtype(params.dtype))
     adapter = adapter_for(model.config)
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
-    return source, spec, model, tokenizer, adapter, qparams, clusters
+    return source, spec, model, adapter, qparams, clusters
+
+
+def _writer(params: PackParams, source, spec) -> StageWriter:
+    """A stage writer that takes only the parent's config and tokenizer: the packed file replaces
+    the float weights and every stage tensor."""
+    return StageWriter(Path(params.out), "pack", params.fingerprint_params(), source, spec=spec.name, inherit_tensors=False)
+
+
+def _export(params: PackParams, source, spec, model, adapter, qparams, clusters, t0: float) -> dict:
+    """Weight-only GPTQ or compressed-tensors checkpoint, loadable by transformers and vLLM."""
+    from qtool.packed.exports import export_tensors
+
+    if clusters is not None:
+        raise QtoolError(f"{source.path} is RPTQ-reordered; its norm gathers exist only in qtool's format: use --format qtool")
+    tensors, qconfig = export_tensors(model, adapter, spec, qparams, params.format)
+    with _writer(params, source, spec) as writer:
+        save_file(tensors, writer.tmp / WEIGHTS, metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config["quantization_config"] = qconfig
+        (writer.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if params.format == "gptq":
+            (writer.tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+        writer.metrics["disk_bytes"] = sum(f.stat().st_size for f in writer.tmp.iterdir() if f.is_file())
+        writer.commit()
+    console.print(f"pack: {spec.name} as {params.format} -> {params.out}: {writer.metrics['disk_bytes'] / 2**20:.1f} MiB on disk")
+    return {"stage": "pack", "out": str(params.out), "skipped": False, "spec": spec.name, "format": params.format,
+            "disk_bytes": writer.metrics["disk_bytes"], "seconds": round(time.time() - t0, 2)}
 
 
 def pack(params: PackParams, device: str = "auto") -> dict:
@@ -60,16 +90,11 @@ def pack(params: PackParams, device: str = "auto") -> dict:
     if skipped:
         return skipped
     t0 = time.time()
-    source, spec, model, tokenizer, adapter, qparams, clusters = _prepared(params)
+    source, spec, model, adapter, qparams, clusters = _prepared(params)
     if params.format != "qtool":
-        from qtool.packed.exports import export_model
-
-        return export_model(params, source, spec, model, tokenizer, adapter, qparams, t0)
+        return _export(params, source, spec, model, adapter, qparams, clusters, t0)
     layout = pack_model(model, adapter, spec, qparams, clusters)
-    with StageWriter(Path(params.out), "pack", params.fingerprint_params(), source, spec=spec.name) as writer:
-        for pattern in (*WEIGHT_PATTERNS, f"{STAGE_PREFIX}*.safetensors"):
-            for f in writer.tmp.glob(pattern):
-                f.unlink()  # the packed file replaces the float weights and every stage tensor
+    with _writer(params, source, spec) as writer:
         save_packed(model, writer.tmp, spec, layout)
         summary = pack_summary(model, writer.tmp)
         writer.metrics.update(summary)

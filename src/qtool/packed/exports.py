@@ -215,3 +215,24 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     out.index_add_(1, start // 32 + 1, shifted >> 32)
     out = out[:, :words]
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def export_tensors(model, adapter, spec, qparams, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every tensor of the exported checkpoint, its quantization_config) for a weight-only spec:
+    block linears in `fmt`, everything else as the model holds it (a tied head once)."""
+    from qtool.packed.model import quantized_linears
+
+    if spec.quantizes_activations or spec.quantizes_kv:
+        raise QtoolError(f"{fmt} exports are weight-only, {spec.name} quantizes activations or the KV cache: use --format qtool")
+    bits, group = spec.w_storage_bits, spec.group
+    check_exportable(bits, 0, 32, 32, fmt, levels=spec.w_levels)  # shapes are checked per linear
+    tensors = dict(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    for index, name, linear, codes, scale, zero in quantized_linears(model, adapter, spec, qparams):
+        prefix = f"{adapter.layers_path}.{index}.{name}"
+        del tensors[f"{prefix}.weight"]
+        for key, value in EXPORTS[fmt].linear(codes, scale, zero, bits, group, spec.w_sym).items():
+            tensors[f"{prefix}.{key}"] = value
+    config = gptq_config(bits, group, spec.w_sym) if fmt == "gptq" else compressed_config(bits, group, spec.w_sym, ["lm_head"])
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, config

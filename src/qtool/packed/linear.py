@@ -27,10 +27,10 @@ def choose_layout(spec: QuantSpec) -> str:
     bits = spec.w_storage_bits
     if not spec.quantizes_weights:
         raise QtoolError(f"{spec.name} leaves the weights in float: pack a quantized spec, e.g. --spec W4A16-g128")
-    if spec.uses_ranges and spec.a_static:
-        raise QtoolError(f"{spec.name} uses static activation ranges, which no kernel supports: pack the dynamic variant ({spec.name}-dynamic)")
     if spec.quantizes_activations and spec.a_granularity == "tensor":
         raise QtoolError(f"{spec.name}: no kernel takes per-tensor activation ranges; pack per-token (drop -tensor) or -cluster-dynamic")
+    if spec.uses_ranges and spec.a_static:
+        raise QtoolError(f"{spec.name} uses static activation ranges, which no kernel supports: pack the dynamic variant ({spec.name}-dynamic)")
     if not spec.quantizes_activations:
         if bits not in WONLY_BITS:
             raise QtoolError(f"{spec.name}: weight-only kernels exist for {WONLY_BITS} bits, not {bits}; quantize to one of those")

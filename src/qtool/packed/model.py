@@ -35,30 +35,35 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def quantized_linears(model: nn.Module, adapter: Adapter, spec: QuantSpec, qparams=None):
+    """(block index, name, linear, codes, scale, zero) of every block linear, quantized exactly as
+    the stage's evaluation quantizes it: the learned scales and zeros in `qparams` where given
+    (codes recomputed from the weights with them), round-to-nearest ranges otherwise."""
+    for index, block in enumerate(adapter.layers(model)):
+        for name, linear in adapter.linears(block).items():
+            scale = zero = None
+            if qparams is not None:
+                scale, zero = qparams[qparam_key(index, name, "scale")], qparams[qparam_key(index, name, "zero")]
+            yield (index, name, linear, *quantize_weight(linear.weight.detach().float(), spec, scale, zero))
+
+
 @torch.no_grad()
 def pack_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, qparams=None, clusters=None) -> str:
     """Replace every block linear of `model` by a PackedLinear for `spec`, in place; returns the layout.
-
-    Weights take the learned scales and zeros in `qparams` where given (codes recomputed from the
-    weights with them, exactly as the stage's evaluation does), round-to-nearest ranges otherwise.
     `clusters` (stat prefix -> bounds, from a reorder stage) gives -cluster specs their ranges."""
     layout = choose_layout(spec)
     cluster = spec.a_granularity == "cluster"
     if cluster and clusters is None:
         raise QtoolError(f"{spec.name} needs channel clusters: pack a `qtool reorder` stage")
     _, _, head_dim = adapter.attention_shape(model.config)
-    for index, block in enumerate(adapter.layers(model)):
-        for name, linear in adapter.linears(block).items():
-            scale = zero = None
-            if qparams is not None:
-                scale, zero = qparams[qparam_key(index, name, "scale")], qparams[qparam_key(index, name, "zero")]
-            codes, scale, zero = quantize_weight(linear.weight.float(), spec, scale, zero)
-            kv = spec.quantizes_kv and name in (adapter.k, adapter.v)
-            act_bounds = clusters[stat_prefix(index, name, "input")] if cluster and spec.quantizes_activations else None
-            kv_bounds = clusters[stat_prefix(index, name, "output")] if cluster and kv else None
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            packed = PackedLinear.from_codes(codes, scale, zero, spec, layout, bias, act_bounds, kv, kv_bounds, head_dim)
-            _set(block, name, packed)
+    layers = adapter.layers(model)
+    for index, name, linear, codes, scale, zero in quantized_linears(model, adapter, spec, qparams):
+        kv = spec.quantizes_kv and name in (adapter.k, adapter.v)
+        act_bounds = clusters[stat_prefix(index, name, "input")] if cluster and spec.quantizes_activations else None
+        kv_bounds = clusters[stat_prefix(index, name, "output")] if cluster and kv else None
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        packed = PackedLinear.from_codes(codes, scale, zero, spec, layout, bias, act_bounds, kv, kv_bounds, head_dim)
+        _set(layers[index], name, packed)
     return layout
 
 
