@@ -16,12 +16,7 @@ from qtool.bench.kernels import (
 )
 from qtool.errors import QtoolError
 
-app = typer.Typer(help="Benchmark qtool's GPU kernels against torch fp16 and torch._int_mm.", no_args_is_help=True)
-
-
-@app.callback()
-def _group() -> None:
-    """Keep `kernels` a named sub-command even while it is the only one."""
+app = typer.Typer(help="Benchmark qtool's GPU kernels and packed models against torch fp16.", no_args_is_help=True)
 
 
 @app.command()
@@ -43,3 +38,29 @@ def kernels(
         raise typer.Exit(1) from e
     if as_json:
         typer.echo(json.dumps(result))
+
+
+@app.command()
+def e2e(
+    models: str = typer.Option("smollm2,llama2-7b,llama2-70b", help="smollm2 (real weights), llama2-7b, llama2-70b (random weights)"),
+    specs: str = typer.Option("W4A16-g128,W2A16-g64,W2A8,W4A4", help="packed specs beside fp16, comma separated"),
+    layers: str = typer.Option("llama2-7b=8,llama2-70b=2", help="blocks per random-weight model: NAME=N,... (default depth otherwise)"),
+    batches: str = typer.Option("1,8,32", help="decode batch sizes"),
+    prefill: int = typer.Option(2048, help="prefill tokens (batch 1)"),
+    context: int = typer.Option(512, help="tokens already in the KV cache when decoding"),
+    reps: int = typer.Option(20, help="timed runs per measurement (median reported)"),
+    out: Path = typer.Option(Path("bench_out"), help="directory for e2e_bench.csv and .png"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as one JSON list as the last line"),
+) -> None:
+    """Prefill latency, decode tokens/s and peak GPU memory of packed models beside fp16 (CSV + PNG)."""
+    from qtool.bench.e2e import run_e2e
+
+    try:
+        depth = {k: int(v) for k, _, v in (item.partition("=") for item in layers.split(",") if item)}
+        rows = run_e2e([m for m in models.split(",") if m], [s for s in specs.split(",") if s], depth,
+                       [int(b) for b in batches.split(",")], prefill, context, reps, out)
+    except (QtoolError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(rows))
