@@ -5,8 +5,8 @@ Models: SmolLM2 with its real weights, and LLaMA-2-7B / 70B shapes (configs/) wi
 fewer blocks (`--layers`), as the table states. Every packed variant is built from the same fp16
 weights by RTN (`pack_model`), then reduced to kernel form. Timing: CUDA events, warm-up, median.
 Prefill: one forward of batch 1 x `--prefill` tokens. Decode: one token per sequence for batch 1, 8
-and 32 against a static KV cache holding `--context` tokens, captured as a CUDA graph and replayed
-(host launch overhead would otherwise hide the kernels at batch 1), so tokens/s = batch / step time.
+and 32 after `--context` cached tokens, captured as a CUDA graph and replayed (host launch overhead
+would otherwise hide the kernels at batch 1), so tokens/s = batch / step time.
 """
 
 from __future__ import annotations
@@ -71,18 +71,21 @@ def prefill_seconds(model, tokens: int, reps: int) -> float:
 
 @torch.no_grad()
 def decode_step_seconds(model, batch: int, context: int, reps: int) -> tuple[float, str]:
-    """Seconds of one decode step (batch tokens) at position `context` of a static cache; the step
-    is replayed as a CUDA graph where capture works, else run eagerly (the second value says which)."""
-    from transformers import StaticCache
+    """Seconds of one decode step (batch new tokens) after `context` cached tokens, replayed as a CUDA
+    graph where capture works, else run eagerly (the second value says which). The cache is
+    transformers' DynamicCache, whose append copies the cache once per step, as plain HF decoding does."""
+    from transformers import DynamicCache
 
-    cache = StaticCache(config=model.config, max_cache_len=context + 8)
+    cache = DynamicCache()
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
     model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    pos = torch.tensor([context], device="cuda")
+    prefix = [(layer.keys, layer.values) for layer in cache.layers]
 
     def step():
-        return model(ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        for layer, (k, v) in zip(cache.layers, prefix):  # always append to the same `context` tokens
+            layer.keys, layer.values = k, v
+        return model(ids, past_key_values=cache, use_cache=True)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
