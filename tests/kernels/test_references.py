@@ -113,10 +113,13 @@ def test_lowbit_small_example_by_hand():
     # one weight row [1, 2] (2-bit, s=0.5, z=1) -> w_hat = [0, 0.5]; x = [[3, 1]] with 2-bit codes
     w = pack_lowbit(torch.tensor([[1, 2]]), 2, torch.tensor([[0.5]]), torch.tensor([[1.0]]), None, None, "planes")
     a = quantize_activations_ref(torch.tensor([[3.0, 1.0]], dtype=torch.float64), 2, w.segments, "planes")
-    # x: min 1, max 3 -> s = 2/3, z = rint(-1.5) clamped to 0, codes rint(4.5)=4->3, rint(1.5)=2
-    assert a.codes().tolist() == [[3, 2]]
+    # x: range [1, 3] widened to include 0 -> [0, 3]: s = 1, z = 0, codes [3, 1]; y = 3*0 + 1*0.5
+    assert a.codes().tolist() == [[3, 1]]
     y = bitplane_gemm_ref(a, w, out_dtype=torch.float64, compute_dtype=torch.float64)
-    assert abs(float(y) - 2 * (2 / 3) * 0.5) < 1e-6
+    assert abs(float(y) - 0.5) < 1e-12
+    # all-positive x = [[3, 2]]: without the widening z would be nonzero; with it s = 1, z = 0, codes [3, 2]
+    a = quantize_activations_ref(torch.tensor([[3.0, 2.0]], dtype=torch.float64), 2, w.segments, "planes")
+    assert a.codes().tolist() == [[3, 2]] and float(a.zero) == 0.0 and float(a.scale) == 1.0
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
