@@ -2,8 +2,8 @@
 models beside the same model in fp16, in one run.
 
 Models: SmolLM2 with its real weights, and LLaMA-2-7B / 70B shapes (configs/) with random weights and
-fewer blocks (`--layers`), as the table states. Every packed variant is built from the same fp16
-weights by RTN (`pack_model`), then reduced to kernel form. Timing: CUDA events, warm-up, median.
+fewer blocks (`--layers`), as the table states. Every variant is built afresh on the GPU from the
+same seed (the same fp16 weights), packed by RTN (`pack_model`) and reduced to kernel form. Timing: CUDA events, warm-up, median.
 Prefill: one forward of batch 1 x `--prefill` tokens. Decode: one token per sequence for batch 1, 8
 and 32 after `--context` cached tokens, captured as a CUDA graph and replayed (host launch overhead
 would otherwise hide the kernels at batch 1), so tokens/s = batch / step time.
@@ -11,7 +11,6 @@ would otherwise hide the kernels at batch 1), so tokens/s = batch / step time.
 
 from __future__ import annotations
 
-import copy
 import csv
 import gc
 import json
@@ -104,13 +103,14 @@ def decode_step_seconds(model, batch: int, context: int, reps: int) -> tuple[flo
         return _time(step, reps), "eager"
 
 
-def packed_variant(fp16_cpu, spec_name: str, device):
-    """A copy of the fp16 model on `device` with its block linears packed for `spec_name` (RTN)."""
+def packed_variant(name: str, layers: int | None, spec_name: str, device):
+    """The model built afresh on `device` (same seed, so the same weights for every variant) with
+    its block linears packed for `spec_name` by RTN, in kernel form; fp16 leaves it as is."""
     from qtool.models.adapters import adapter_for
     from qtool.packed.model import pack_model, to_kernel_form
     from qtool.spec import parse_spec
 
-    model = copy.deepcopy(fp16_cpu).to(device)
+    model = build_fp16(name, layers, device)
     if spec_name != "fp16":
         pack_model(model, adapter_for(model.config), parse_spec(spec_name))
         to_kernel_form(model)
@@ -131,10 +131,9 @@ def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
-        fp16_cpu = build_fp16(name, layers.get(name), "cpu")
         for spec in ["fp16", *specs]:
             try:
-                model = packed_variant(fp16_cpu, spec, "cuda")
+                model = packed_variant(name, layers.get(name), spec, "cuda")
             except QtoolError as exc:
                 print(f"{name} {spec}: skipped ({exc})")
                 continue
