@@ -6,6 +6,7 @@ caches the compiled binaries on disk, so a second process does not recompile.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -81,10 +82,16 @@ def blocks_per_sm(fn, threads: int, shared_mem: int) -> int:
 
 
 def device_attribute(attr: str, device: int | None = None) -> int:
-    """A CUDA device attribute by its runtime name, e.g. 'cudaDevAttrMultiProcessorCount'."""
+    """A CUDA device attribute by its runtime name, e.g. 'cudaDevAttrMultiProcessorCount' (cached: the
+    dispatch asks on every call)."""
+    return _device_attribute(attr, torch.cuda.current_device() if device is None else device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_attribute(attr: str, device: int) -> int:
     from cupy.cuda import runtime
 
-    return runtime.deviceGetAttribute(getattr(runtime, attr), torch.cuda.current_device() if device is None else device)
+    return runtime.deviceGetAttribute(getattr(runtime, attr), device)
 
 
 def launch(fn, grid, block, args, shared_mem: int = 0) -> None:

@@ -209,7 +209,8 @@ def simt_plan(bits: int, group: int, row_words: int, m: int) -> tuple[int, int, 
 
 
 def _simt_fits(w: WOnlyWeights, m: int) -> bool:
-    return simt_plan(w.bits, w.group, w.row_words, m)[4] + 1024 <= rt.device_attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
+    optin = rt.device_attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin", w.data.device.index)
+    return simt_plan(w.bits, w.group, w.row_words, m)[4] + 1024 <= optin
 
 
 def w_only_impl(m: int, w: WOnlyWeights) -> str:
@@ -234,7 +235,8 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     if key not in _SIMT_OCCUPANCY:
         _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, SIMT_THREADS, smem)
     warps = SIMT_THREADS // 32
-    resident = max(1, _SIMT_OCCUPANCY[key] * rt.device_attribute("cudaDevAttrMultiProcessorCount") // slices)
+    sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
+    resident = max(1, _SIMT_OCCUPANCY[key] * sms // slices)
     groups = -(-w.n // SIMT_ROWS)
     rounds = -(-groups // (resident * warps))
     nblk = -(-groups // (rounds * warps))
