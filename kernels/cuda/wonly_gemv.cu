@@ -243,8 +243,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
 // partial is flushed into fp32 (x the fp32 scale) once per chunk (or half chunk when group = 32).
 // Unscaled partials are bounded: x is staged pre-scaled by 2^-e (per x row, e from max|x|) so that
 // n * (2^b - 1) * max|x'| <= 2^15 for the n products a partial sums; y = 2^e * acc. bf16 x is
-// staged the same way as fp16 (exact: fp16 keeps bf16's 8-bit mantissa in that range), so both
-// activation types run the same fp16 arithmetic.
+// staged the same way as fp16 (exact down to 2^-(13+L) of the row's max: fp16 holds bf16's 8-bit
+// mantissa there), so both activation types run the same fp16 arithmetic.
 const int SIMT_WARPS = 8, SIMT_R = 2;
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r; }

@@ -81,7 +81,11 @@ def _pack(bits, n, k, group, gen):
 
 @pytest.fixture(scope="module")
 def lib():
-    configs = _configs()
+    return build(_configs())
+
+
+def build(configs) -> ctypes.CDLL:
+    """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T> for each (B, MT, U, NSEG, 'F16'|'BF16')."""
     launch = """
 template <int B, int MT, int U, int NSEG, class T>
 void emu_launch(const u32* wq, const u32* whi, const u32* sz, const u16* x, const u16* bias, u16* y,
@@ -130,21 +134,27 @@ def _u16(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.contiguous().view(torch.int16).numpy().view(np.uint16))
 
 
+def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.Tensor:
+    """y = x @ w_hat^T + bias from the host-run kernel, on a grid of nblk blocks per x slice."""
+    m = x.shape[0]
+    mt, slices, u, nseg, smem = ops.simt_plan(w.bits, w.group, w.row_words, m)
+    y = np.full((m, w.n), 0x7E01, dtype=np.uint16)  # NaN
+    words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data, w.sz)]
+    halves = [_u16(x), _u16(bias) if bias is not None else None]
+    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *halves, y)]
+    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.sz.shape[1],
+                      ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
+    assert rc == 0, "instantiation not built"
+    return torch.from_numpy(y.view(np.int16)).view(x.dtype)
+
+
 @pytest.mark.parametrize("bits,dtype,m,n,k,group,nblk,xs", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_simt_gemv_host(lib, bits, dtype, m, n, k, group, nblk, xs):
     gen = torch.Generator().manual_seed(bits * 131 + m * 17 + n + k + nblk)
     w = _pack(bits, n, k, group, gen)
     x = (torch.randn(m, k, generator=gen) * xs).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
-    mt, slices, u, nseg, smem = ops.simt_plan(bits, w.group, w.row_words, m)
-    y = np.full((m, n), 0x7E01, dtype=np.uint16)  # NaN
-    arrays = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data, w.sz)]
-    xs, bs = _u16(x), _u16(bias)
-    ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in (*arrays, xs, bs, y)]
-    rc = lib.run_simt(bits, mt, u, nseg, int(dtype == torch.float16), *ptr, m, n, k, w.row_words, w.sz.shape[1],
-                      ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
-    assert rc == 0
-    out = torch.from_numpy(y.view(np.int16)).view(dtype)
+    out = run(lib, w, x, bias, nblk)
     assert not torch.isnan(out).any(), "kernel left unwritten (NaN) outputs"
     expect = w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64).double()
     err = (out.double() - expect).abs().max().item()
