@@ -14,10 +14,12 @@ __device__ __forceinline__ u16 f2bf(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %
 
 template <class T> struct Cvt;
 template <> struct Cvt<F16> {
+  static const bool f16 = true;
   static __device__ __forceinline__ float load(u16 v) { return h2f(v); }
   static __device__ __forceinline__ u16 store(float f) { return f2h(f); }
 };
 template <> struct Cvt<BF16> {
+  static const bool f16 = false;
   static __device__ __forceinline__ float load(u16 v) { return bf2f(v); }
   static __device__ __forceinline__ u16 store(float f) { return f2bf(f); }
 };
@@ -230,6 +232,280 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
   }
 }
 
+// ---- SIMT GEMV for small M (wonly_gemv_simt) ---------------------------------------------------
+// Bandwidth design, per 16-byte weight word ("chunk", 4 data words = 4C codes of one row):
+// lanes of a warp stream 32 consecutive chunks of a row (512 B, coalesced) for SIMT_R rows at once,
+// U chunks apart per row, and issue the next step's R*U loads before computing the current step
+// (register double buffer: >= R*U*512 B in flight per warp). x [MT, K] is staged once per block in
+// shared memory, swizzled so that the lanes' x loads of one weight word are contiguous (no bank
+// conflicts), and shared by the R rows. Per pair of codes: LOP3 (+ a shared SHF), one HSUB2/HFMA2
+// giving the exact integers q - z in fp16, then one HFMA2 per x row into a half2 partial; the
+// partial is flushed into fp32 (x the fp32 scale) once per chunk (or half chunk when group = 32).
+// Unscaled partials are bounded: x is staged pre-scaled by 2^-e (per x row, e from max|x|) so that
+// n * (2^b - 1) * max|x'| <= 2^15 for the n products a partial sums; y = 2^e * acc. bf16 x is
+// staged the same way as fp16 (exact down to 2^-(13+L) of the row's max: fp16 holds bf16's 8-bit
+// mantissa there), so both activation types run the same fp16 arithmetic.
+const int SIMT_WARPS = 8, SIMT_R = 2;
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r; }
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r; }
+__device__ __forceinline__ u32 f2h2(float lo, float hi) { u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+
+__host__ __device__ constexpr int ilog2c(int n) { return n < 2 ? 0 : 1 + ilog2c(n >> 1); }
+// fp16 bits of an integer 1 <= n < 2048, or of 2^-e; both exact
+__host__ __device__ constexpr u32 f16_int(int n) { return ((u32)(ilog2c(n) + 15) << 10) | (((u32)n << (10 - ilog2c(n))) & 0x3ffu); }
+__host__ __device__ constexpr u32 f16_pow2_neg(int e) { return (u32)(15 - e) << 10; }
+// largest L with n * qmax * 2^L <= 2^15: the bound on |x'| that keeps an fp16 partial of n products finite
+__host__ __device__ constexpr int xbound_log2(int n_qmax, int l = 0) { return (n_qmax << (l + 1)) <= 32768 ? xbound_log2(n_qmax, l + 1) : l; }
+
+// Codes of a data word go into the fp16 mantissa of 1024.0 with one LOP3 and no shift while their
+// field lies in bits [0, 10): pair p at bit BL*p reads 1024 + q * 2^(BL*p); HFMA2 by 2^-(BL*p) with
+// nz[p] = 1024 - 1024*2^-(BL*p) - (1024 + z) gives q - z exactly. Pairs p >= PD come from word >> SH.
+// W8 takes bytes with PRMT instead.
+template <int B> struct SimtFmt {
+  static const int BL = B == 3 ? 2 : B, C = Fmt<B>::C;
+  static const int PD = B == 4 ? 2 : B == 2 ? 5 : B == 3 ? 4 : 1;  // W3: 3-bit fields (lo | hi << 2) fit for p < 4
+  static const int SH = BL * PD;
+  static const int PIECE = C < 8 ? C : 8;  // x codes per lane load (16 B, W8: 8 B)
+};
+
+template <int B> struct Zc {  // one row's group constants: exact q - z in fp16, fp32 scale
+  u32 z2, nz[SimtFmt<B>::PD];
+  float s;
+};
+template <int B> __device__ __forceinline__ Zc<B> zc_of(u32 sz) {
+  typedef SimtFmt<B> F;
+  Zc<B> z;
+  z.z2 = prmt(sz, 0u, 0x3232u);  // half2(1024 + z)
+#pragma unroll
+  for (int p = 1; p < F::PD; ++p) z.nz[p] = hsub2(f16_int(1024 - (1024 >> (F::BL * p))) * 0x00010001u, z.z2);
+  z.s = h2f((u16)(sz & 0xffffu));
+  return z;
+}
+
+// half2(q - z) of pair p (codes 2p, 2p+1) of data word `word`; W3 takes bit 2 from `hi`, whose pair
+// (word parity)*8 + p holds it. p and par are compile-time after unrolling, so shifts are immediates.
+template <int B> __device__ __forceinline__ u32 simt_pair(u32 word, u32 hi, int par, int p, const Zc<B>& z) {
+  typedef SimtFmt<B> F;
+  if (B == 8) return hsub2(prmt(word, 0x64646464u, p ? 0x4341u : 0x4240u), z.z2);
+  const int pp = p < F::PD ? p : p - F::PD, at = F::BL * pp;
+  const u32 src = p < F::PD ? word : word >> F::SH;
+  u32 v = lop_and_or(src, (((1u << F::BL) - 1u) << at) * 0x00010001u, 0x64006400u);
+  if (B == 3) {
+    const int hj = par * 8 + p, to = at + 2;
+    v = lop_and_or(to >= hj ? hi << (to - hj) : hi >> (hj - to), (4u << at) * 0x00010001u, v);
+  }
+  return pp == 0 ? hsub2(v, z.z2) : hfma2(v, f16_pow2_neg(at) * 0x00010001u, z.nz[pp]);
+}
+
+// Asynchronous 16/8-byte global -> shared copy, zero-filled when !ok (src is not read then).
+template <int N> __device__ __forceinline__ void cp_async_zfill(void* dst, const void* src, bool ok) {
+  u32 d;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(N), "r"(ok ? N : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+template <int B, int U, int NSEG> struct SimtStage {
+  uint4 w[U][SIMT_R];
+  uint2 h[U][SIMT_R];  // W3 hi words
+  u32 s[U][SIMT_R][NSEG];
+};
+
+// y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n] for x rows m in slices of MT
+// (block b: slice b % S, S = ceil(M / MT)). NSEG = 2 when a chunk spans two groups (C = 16, group 32).
+// Warps own row groups of SIMT_R rows (gw, gw + TW, ...; TW = nblk * SIMT_WARPS); the step sequence
+// (row group, k-step) is flat so the prefetch runs across row groups. Dynamic shared memory:
+// MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K).
+template <int B, int MT, int U, int NSEG, class T>
+__global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
+    const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
+    const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
+    int M, int N, int K, int row_words, int G, int gshift, int nblk) {
+  typedef SimtFmt<B> F;
+  const int C = F::C, PIECE = F::PIECE, NP = C / PIECE, R = SIMT_R, THREADS = SIMT_WARPS * 32;
+  const int WPS = 4 / NSEG;  // data words per segment (one scale)
+  const int L = xbound_log2(WPS * (C / 2) * ((1 << B) - 1));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int S = (M + MT - 1) / MT, slice = blockIdx.x % S, blk = blockIdx.x / S;
+  const int m0 = slice * MT, mv = min(MT, M - m0);
+  const int nchunk = row_words >> 2, KI = (nchunk + 32 * U - 1) / (32 * U), XP = KI * 32 * U * 4 * C;
+  const int nrg = (N + R - 1) / R, TW = nblk * SIMT_WARPS, gw = blk * SIMT_WARPS + warp;
+
+  // Load cursor (row group, k-step). Addresses are clamped instead of bounds-checked: chunks past the
+  // row end meet zero x (shared memory is zero-padded to whole steps) and rows past N are not stored,
+  // so the clamped copies add no bytes (same 512 B span). Only a step past the warp's last row group
+  // is switched off, by a predicate rather than a branch: ptxas hoisted the compute of the current
+  // stage above a branched load block, which serialized loads and compute.
+  int lrg = gw, lk = 0;
+  auto load = [&](SimtStage<B, U, NSEG>& st) {
+    const bool live = lrg < nrg;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const size_t row = min(lrg * R + r, N - 1);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = min((lk * U + u) * 32 + lane, nchunk - 1);
+        st.w[u][r] = ld_stream_if(wq + row * row_words + c * 4, live);
+        if (B == 3) st.h[u][r] = ld_v2_if(whi + row * (row_words >> 1) + c * 2, live);
+#pragma unroll
+        for (int sg = 0; sg < NSEG; ++sg) st.s[u][r][sg] = ld_u32_if(sz + row * G + min((c * 4 * C + sg * WPS * C) >> gshift, G - 1), live);
+      }
+    }
+    if (++lk == KI) { lk = 0; lrg += TW; }
+  };
+  SimtStage<B, U, NSEG> sa, sb;
+  load(sa);  // the first weights stream in while x is staged
+
+  // Stage x rows m0.. swizzled: the x of (chunk c, word j, piece h) is unit ((c/32 * 4 + j) * NP + h) * 32
+  // + c%32 of PIECE codes. cp.async puts every copy of the block in flight at once (a register loop
+  // waited one L2 round trip per iteration, ~1 us per 4 KB of x per block); zero-filled past K.
+  extern __shared__ uint4 xsm[];
+  __shared__ u32 s_amax[SIMT_WARPS][MT];
+  __shared__ int s_e[MT];
+  const int XQ = XP / 8;  // uint4 per x row
+  for (int i = threadIdx.x; i < MT * XQ; i += THREADS) {
+    const int m = i / XQ, k = (i - m * XQ) * 8, c = k / (4 * C), j = (k / C) & 3;
+    const bool ok = m < mv && k < K;
+    const u16* src = ok ? x + (size_t)(m0 + m) * K + k : x;
+    if (PIECE == 8) {
+      cp_async_zfill<16>(xsm + m * XQ + (((c >> 5) * 4 + j) * NP + (k % C) / 8) * 32 + (c & 31), src, ok);
+    } else {  // W8: two 8-byte units, words j and j + 1
+      uint2* dst = reinterpret_cast<uint2*>(xsm + m * XQ) + ((c >> 5) * 4 + j) * 32 + (c & 31);
+      cp_async_zfill<8>(dst, src, ok);
+      cp_async_zfill<8>(dst + 32, src + 4, ok);
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  // x is used as fp16 * 2^-e[m]: e from max |x[m]|, taken on the bits (order-preserving for |x|)
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    u32 amax = 0;
+    for (int i = threadIdx.x; i < XQ; i += THREADS) {
+      const uint4 v = xsm[m * XQ + i];
+      const u32 a = v.x & 0x7fff7fffu, b = v.y & 0x7fff7fffu, cc = v.z & 0x7fff7fffu, d = v.w & 0x7fff7fffu;
+      amax = max(amax, max(max(max(a & 0xffffu, a >> 16), max(b & 0xffffu, b >> 16)), max(max(cc & 0xffffu, cc >> 16), max(d & 0xffffu, d >> 16))));
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) s_amax[warp][m] = amax;
+  }
+  __syncthreads();
+  if (threadIdx.x < MT) {
+    u32 a = 0;
+#pragma unroll
+    for (int w = 0; w < SIMT_WARPS; ++w) a = max(a, s_amax[w][threadIdx.x]);
+    const float fa = Cvt<T>::load((u16)a);
+    int e = fa > 0.f ? ((__float_as_int(fa) >> 23) & 0xff) - 127 + 1 - L : 0;  // |x| < 2^(e + L)
+    if (Cvt<T>::f16) e = max(e, 0);  // fp16 x: never scale up (exact as is)
+    s_e[threadIdx.x] = min(max(e, -100), 100);
+  }
+  __syncthreads();
+  bool rescale = !Cvt<T>::f16;  // bf16 x always converts
+#pragma unroll
+  for (int m = 0; m < MT; ++m) rescale |= s_e[m] != 0;
+  if (rescale) {
+    for (int i = threadIdx.x; i < MT * XQ; i += THREADS) {
+      const int m = i / XQ;
+      const float f = __int_as_float((127 - s_e[m]) << 23);
+      uint4 v = xsm[i];
+      u32* q = &v.x;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) q[t] = f2h2(Cvt<T>::load((u16)(q[t] & 0xffffu)) * f, Cvt<T>::load((u16)(q[t] >> 16)) * f);
+      xsm[i] = v;
+    }
+    __syncthreads();
+  }
+
+  float acc[R][MT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  int crg = gw, ck = 0;  // compute cursor
+  auto compute = [&](const SimtStage<B, U, NSEG>& st) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int cb = ck * U + u;  // this k-block of 32 chunks
+#pragma unroll
+      for (int sg = 0; sg < NSEG; ++sg) {
+        Zc<B> zc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) zc[r] = zc_of<B>(st.s[u][r][sg]);
+        u32 part[R][MT];
+#pragma unroll
+        for (int jj = 0; jj < WPS; ++jj) {
+          const int j = sg * WPS + jj;
+#pragma unroll
+          for (int h = 0; h < NP; ++h) {
+            u32 xv[MT][PIECE / 2];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              if (PIECE == 8) {
+                const uint4 t = xsm[m * XQ + ((cb * 4 + j) * NP + h) * 32 + lane];
+                xv[m][0] = t.x; xv[m][1 % (PIECE / 2)] = t.y; xv[m][2 % (PIECE / 2)] = t.z; xv[m][3 % (PIECE / 2)] = t.w;
+              } else {
+                const uint2 t = reinterpret_cast<const uint2*>(xsm + m * XQ)[(cb * 4 + j) * 32 + lane];
+                xv[m][0] = t.x; xv[m][1] = t.y;
+              }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const u32 word = (&st.w[u][r].x)[j], hi = B == 3 ? (&st.h[u][r].x)[j >> 1] : 0u;
+#pragma unroll
+              for (int i = 0; i < PIECE / 2; ++i) {
+                const u32 d = simt_pair<B>(word, hi, j & 1, h * (PIECE / 2) + i, zc[r]);
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                  part[r][m] = jj == 0 && h == 0 && i == 0 ? hmul2(xv[m][i], d) : hfma2(xv[m][i], d, part[r][m]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+            acc[r][m] = fmaf(h2f((u16)(part[r][m] >> 16)), zc[r].s, fmaf(h2f((u16)(part[r][m] & 0xffffu)), zc[r].s, acc[r][m]));
+      }
+    }
+    if (ck == KI - 1) {  // row group done: sum the lanes, write R x mv outputs
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          float v = acc[r][m];
+#pragma unroll
+          for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          const int row = crg * R + r;
+          if (lane == r * MT + m && m < mv && row < N)
+            y[(size_t)(m0 + m) * N + row] = Cvt<T>::store(fmaf(v, __int_as_float((127 + s_e[m]) << 23), bias ? Cvt<T>::load(bias[row]) : 0.f));
+          acc[r][m] = 0.f;
+        }
+      ck = 0;
+      crg += TW;
+    } else {
+      ++ck;
+    }
+  };
+
+  // Ping-pong, so the buffers are never copied. __syncwarp fences ptxas's scheduling: without it, it
+  // sank some loads of the next stage into the current compute (shorter register live ranges, W2/W3),
+  // which shortens the time those loads have in flight.
+  const int steps = (gw < nrg ? (nrg - 1 - gw) / TW + 1 : 0) * KI;
+#pragma unroll 1
+  for (int s = 0; s < steps; s += 2) {
+    load(sb);
+    __syncwarp();
+    compute(sa);
+    if (s + 1 == steps) break;
+    load(sa);
+    __syncwarp();
+    compute(sb);
+  }
+}
+
 // Dequantizes one packed word (C codes) per thread into w[n, k] = (q - z) * s, written as 8- or
 // 16-byte vectors (scalar 2-byte stores made this kernel 10x slower than its bandwidth).
 template <int B, class T>
@@ -259,12 +535,22 @@ __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict_
 }
 
 #ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
+// (tests/kernels/test_nvcc_compile.py checks every SIMT instantiation the dispatch can reach for spills)
 #define GEMV(B, NT, M16, T) template __global__ void wonly_gemv<B, NT, M16, T>(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int);
 GEMV(4, 1, false, F16)
 GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
+#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T>(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int, int);
+SIMT(4, 1, 2, 1, F16)
+SIMT(2, 1, 2, 1, F16)
+SIMT(3, 1, 2, 1, F16)
+SIMT(8, 1, 2, 1, F16)
+SIMT(4, 4, 2, 1, F16)
+SIMT(2, 3, 1, 2, BF16)
+SIMT(3, 3, 1, 2, F16)
+SIMT(8, 4, 2, 1, BF16)
 template __global__ void wonly_dequant<3, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
 template __global__ void wonly_dequant<2, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
 template __global__ void wonly_dequant<8, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);

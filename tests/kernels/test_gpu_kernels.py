@@ -9,7 +9,7 @@ references run in float64 on the same packed operands. One output rounding is 2^
 import pytest
 import torch
 
-from qtool.kernels import bitplane_gemm, pack_lowbit, pack_wonly, quantize_activations, u8_gemm, w_only_gemm
+from qtool.kernels import bitplane_gemm, ops, pack_lowbit, pack_wonly, quantize_activations, u8_gemm, w_only_gemm
 from qtool.kernels.cuda_runtime import cupy_available
 from qtool.kernels.reference import bitplane_gemm_ref, quantize_activations_ref, u8_gemm_ref, w_only_gemm_ref
 
@@ -109,11 +109,9 @@ def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
-@pytest.mark.parametrize("m", [*MS, 9])  # 9: the GEMV's second mma row half partly used
+@pytest.mark.parametrize("m", [*MS, 9, 4, 5])  # 9: the mma GEMV's second row half partly used; 4 | 5: SIMT | mma for W4/W8
 @pytest.mark.parametrize("n,k", [(1000, 352), (77, 4096), (4104, 1024)])
-def test_w_only_gemm(bits, group, m, n, k):
-    if group and k % group:
-        group = 32
+def test_w_only_gemm(bits, group, m, n, k):  # K = 352: ragged last group for groups 64 and 128
     gen = torch.Generator().manual_seed(bits * 31 + m + n + k + (group or 0))
     codes, scales, zeros = _weights(n, k, bits, group, gen)
     w = pack_wonly(codes.cuda(), bits, scales.cuda(), zeros.cuda(), group)
@@ -142,3 +140,86 @@ def test_lowbit_bf16_output():
     a = quantize_activations(x, 8, w.segments)
     y = bitplane_gemm(a, w, out=_nan_out(5, 64, torch.bfloat16))
     _close(y, bitplane_gemm_ref(a, w, out_dtype=torch.float64, compute_dtype=torch.float64), rtol=2e-2)
+
+
+def _wonly_case(bits, n, k, group, m, dtype, seed, x_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales, zeros = _weights(n, k, bits, group, gen)
+    w = pack_wonly(codes.cuda(), bits, scales.cuda(), zeros.cuda(), group)
+    x = (torch.randn(m, k, generator=gen) * x_scale).to(dtype).cuda()
+    bias = torch.randn(n, generator=gen).to(dtype).cuda()
+    return w, x, bias
+
+
+def _wonly_check(w, x, bias, impl):
+    m, dtype = x.shape[0], x.dtype
+    y = w_only_gemm(x, w, bias, out=_nan_out(m, w.n, dtype), impl=impl)
+    _close(y, w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64), rtol=1e-2 if dtype == torch.float16 else 2e-2)
+
+
+# N not a multiple of a SIMT block's 16 rows; K = 32 * odd; group 32 (two groups per W2/W3 16-byte word);
+# ragged last group (576 = 4.5 x 128: G = 5); per-channel; K = 28672 (x of M = 4 fills 224 KiB of shared memory)
+SIMT_SHAPES = [(77, 352, 32), (1000, 576, 128), (4104, 1024, 64), (33, 96, None), (40, 28672, 128)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k,group", SIMT_SHAPES)
+def test_w_only_gemv_simt(bits, dtype, m, n, k, group):
+    w, x, bias = _wonly_case(bits, n, k, group, m, dtype, bits * 7 + m + n + k)
+    if not ops._simt_fits(w, m):
+        pytest.skip(f"x of {m} x {k} does not fit this GPU's shared memory")
+    _wonly_check(w, x, bias, impl="simt")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [5, 9, 16])
+def test_w_only_gemv_simt_sliced(bits, m):
+    """M > 4: x rows in slices of <= 4 (<= 3 for W2/W3 with group 32), one slice per block."""
+    for group in (32, 128):
+        _wonly_check(*_wonly_case(bits, 300, 1056, group, m, torch.float16, bits + m + group), impl="simt")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("x_scale", [1e-4, 300.0, 3000.0])
+def test_w_only_gemv_simt_x_range(bits, dtype, x_scale):
+    """x is staged pre-scaled by 2^-e so that fp16 partials cannot overflow: large, tiny and (bf16) huge x
+    (no bias, which would hide tiny outputs). fp16 W8 at 3000 would overflow y itself, so it gets 300."""
+    scale = (x_scale if bits < 8 or x_scale < 1000 else 300.0) if dtype == torch.float16 else x_scale ** 4  # bf16: 1e-16 .. 8e13
+    w, x, _ = _wonly_case(bits, 130, 256, 64, 3, dtype, bits + int(x_scale), scale)
+    _wonly_check(w, x, None, impl="simt")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 4])
+def test_w_only_gemv_simt_windows(bits, m):
+    """x non-zero on one window only, so a wrong code, group or step there cannot hide in the rest of K:
+    the first chunk, a step boundary, the ragged last group and the last 32 codes."""
+    k, group = 4160, 128  # 32 * 130; G = 33 with a 64-code last group
+    w, x, bias = _wonly_case(bits, 260, k, group, m, torch.float16, bits * 3 + m)
+    for lo, hi in [(0, 64), (1984, 2144), (4096, 4160), (4128, 4160)]:
+        xw = torch.zeros_like(x)
+        xw[:, lo:hi] = x[:, lo:hi]
+        _wonly_check(w, xw, bias, impl="simt")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("impl", ["mma", "dequant"])
+def test_w_only_gemm_forced(bits, m, impl):
+    """The tensor-core GEMV and the dequantize + cuBLAS path at M the dispatch may not send them, with a
+    ragged last group (K = 576, group 128)."""
+    _wonly_check(*_wonly_case(bits, 200, 576, 128, m, torch.float16, bits + m), impl=impl)
+
+
+def test_w_only_dispatch():
+    def packed(k):
+        return pack_wonly(torch.zeros(16, k, dtype=torch.int64, device="cuda"), 4, torch.ones(16, k // 128, device="cuda"),
+                          torch.zeros(16, k // 128, device="cuda"), 128)
+
+    w, s = packed(1024), ops.SIMT_MAX_M[4]
+    for m in (1, s, s + 1, ops.GEMV_MAX_M, ops.GEMV_MAX_M + 1):
+        assert ops.w_only_impl(m, w) == ("simt" if m <= s else "mma" if m <= ops.GEMV_MAX_M else "dequant")
+    assert ops.w_only_impl(4, packed(65536)) == "mma"  # x of 4 rows would need 512 KiB of shared memory

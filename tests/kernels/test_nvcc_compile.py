@@ -1,10 +1,15 @@
 """Every kernels/cuda/*.cu must compile for sm_90 (and sm_80), so a broken kernel cannot land."""
 
+import os
+import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from qtool.kernels.ops import GEMV_MAX_M, simt_plan
 
 SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels" / "cuda").glob("*.cu"))
 
@@ -22,3 +27,36 @@ def test_kernel_compiles(src, arch, tmp_path):
 
 def test_sources_exist():
     assert {p.name for p in SOURCES} >= {"quantize_act.cu", "lowbit_gemm.cu", "wonly_gemv.cu"}
+
+
+def _simt_instantiations() -> list[str]:
+    """Every wonly_gemv_simt<B, MT, U, NSEG, T> that ops.w_only_gemm can launch (its plan depends on bits,
+    group 32 or not and M only)."""
+    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}>"
+             for bits in (2, 3, 4, 8) for group in (32, 64) for m in range(1, GEMV_MAX_M + 1)
+             for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)] for t in ("F16", "BF16")}
+    return sorted(names)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_simt_gemv_does_not_spill(tmp_path):
+    """ptxas -v: no local-memory spills in any SIMT GEMV instantiation the dispatch can reach (launch
+    bounds cap them at 128 registers for 2 blocks of 256 threads per SM)."""
+    names = _simt_instantiations()
+    src = SOURCES[0].parent / "wonly_gemv.cu"
+    args = "(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int, int)"
+    jobs = max(1, min(len(names), os.cpu_count() or 1))
+
+    def compile_part(i):
+        cu = tmp_path / f"simt{i}.cu"
+        cu.write_text(f'#include "{src}"\n' + "".join(f"template __global__ void {n}{args};\n" for n in names[i::jobs]))
+        r = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stderr
+
+    with ThreadPoolExecutor(jobs) as pool:
+        log = "".join(pool.map(compile_part, range(jobs)))
+    found = re.findall(r"Function properties for (_Z15wonly_gemv_simt\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    assert len(found) == len(names)
+    assert [f for f in found if f[1:] != ("0", "0")] == []

@@ -123,7 +123,7 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | Non
     if abits >= 16:
         ws = [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)]
         ws += [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group) for _ in range(_copies(ws[0].nbytes) - 1)]
-        impl = "wonly_gemv" if m <= qk.ops.GEMV_MAX_M else "wonly_dequant_mm"
+        impl = {"simt": "wonly_gemv_simt", "mma": "wonly_gemv", "dequant": "wonly_dequant_mm"}[qk.ops.w_only_impl(m, ws[0])]
         return Case(path, impl, lambda i: qk.w_only_gemm(x, ws[i % len(ws)]), ws[0].nbytes, TENSOR_PEAK["f16"])
     layout = "planes" if impl == "bitplane" else "u8"
     if layout == "u8" and wbits > 4:

@@ -6,6 +6,7 @@ caches the compiled binaries on disk, so a second process does not recompile.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -60,12 +61,46 @@ def i32(v: int) -> np.int32:
     return np.int32(v)
 
 
+def allow_shared(fn, nbytes: int) -> None:
+    """Let `fn` take `nbytes` of dynamic shared memory (above 48 KiB the driver needs an opt-in)."""
+    from cupy_backends.cuda.api import driver
+
+    if nbytes > 48 * 1024 and _SHARED_OPT_IN.get(fn.ptr, 0) < nbytes:
+        driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+        _SHARED_OPT_IN[fn.ptr] = nbytes
+
+
+_SHARED_OPT_IN: dict = {}  # function handle -> dynamic shared memory bytes allowed
+
+
+def blocks_per_sm(fn, threads: int, shared_mem: int) -> int:
+    """Resident blocks per SM for this launch shape (registers, shared memory, threads)."""
+    from cupy_backends.cuda.api import driver
+
+    allow_shared(fn, shared_mem)
+    return driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, shared_mem)
+
+
+def device_attribute(attr: str, device: int | None = None) -> int:
+    """A CUDA device attribute by its runtime name, e.g. 'cudaDevAttrMultiProcessorCount' (cached: the
+    dispatch asks on every call)."""
+    return _device_attribute(attr, torch.cuda.current_device() if device is None else device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_attribute(attr: str, device: int) -> int:
+    from cupy.cuda import runtime
+
+    return runtime.deviceGetAttribute(getattr(runtime, attr), device)
+
+
 def launch(fn, grid, block, args, shared_mem: int = 0) -> None:
     """Launch on torch's current stream of the tensors' device, so ordering with torch ops holds."""
     import cupy
 
     stream = torch.cuda.current_stream()
     with cupy.cuda.Device(stream.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        allow_shared(fn, shared_mem)
         fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)
 
 

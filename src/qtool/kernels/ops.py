@@ -14,7 +14,17 @@ from qtool.kernels.packing import LowbitWeights, PackedActivations, WOnlyWeights
 from qtool.kernels.segments import Segments
 
 GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
-GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu
+GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu (mma GEMV)
+SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
+# Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
+# GEMV_MAX_M above it. Estimates until an H100 run of bench/gemv_variants.py (which times both forced,
+# at M = 1, 4, 16) sets them: SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per 16-byte
+# word at M = 1, ~150 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
+# issue keeps pace with HBM. W2/W3 stay on SIMT up to M = 16 (slices of 4): the mma GEMV reads x
+# fragments through L1 at 16 B per 8 codes per row there, which held it to 0.6-0.7x fp16 at M = 16;
+# dequantize + cuBLAS is no cure (it writes the fp16 weights first: 0.43x fp16 measured at M = 64).
+SIMT_MAX_M = {2: 16, 3: 16, 4: 4, 8: 4}
+WONLY_IMPLS = ("simt", "mma", "dequant")
 
 
 def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,9 +171,13 @@ def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Ten
     return bitplane_gemm(a, w, bias) if w.layout == "planes" else u8_gemm(a, w, bias)
 
 
+def _gshift(w: WOnlyWeights) -> int:
+    """Kernels find the group of code k as min(k >> gshift, G - 1) (per-channel: 31, always group 0)."""
+    return 31 if w.group == w.k else w.group.bit_length() - 1
+
+
 def _wonly_args(w: WOnlyWeights):
-    gshift = 31 if w.group == w.k else w.group.bit_length() - 1
-    return rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.sz), gshift
+    return rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.sz), _gshift(w)
 
 
 def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -179,28 +193,93 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
     return out
 
 
-def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ w_hat^T + bias for fp16/bf16 x [M, K]: a packed-weight GEMV for M <= 16, else
-    one dequantization to x's dtype followed by torch (cuBLAS) matmul."""
+def simt_plan(bits: int, group: int, row_words: int, m: int) -> tuple[int, int, int, int, int]:
+    """(MT x rows per block, slices, U chunks per row and step, NSEG groups per chunk, shared bytes)
+    for wonly_gemv_simt. U and the MT cap keep every instantiation within 128 registers without spills
+    (W2/W3 hold more codes per word: U = 1 beyond MT = 1; two groups per chunk (W2/W3 with group 32)
+    double the group constants and spill at MT = 4)."""
+    nseg = 2 if bits in (2, 3) and group == 32 else 1
+    m = max(m, 1)
+    slices = -(-m // (3 if nseg == 2 else 4))
+    mt = -(-m // slices)
+    u = 2 if bits in (4, 8) or (mt == 1 and (bits == 2 or nseg == 1)) else 1
+    codes = 16 if bits == 3 else 32 // bits  # per data word
+    steps = -(-(row_words // 4) // (32 * u))  # x is staged zero-padded to whole steps
+    return mt, slices, u, nseg, mt * steps * 32 * u * 4 * codes * 2
+
+
+def _simt_fits(w: WOnlyWeights, m: int) -> bool:
+    optin = rt.device_attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin", w.data.device.index)
+    return simt_plan(w.bits, w.group, w.row_words, m)[4] + 1024 <= optin
+
+
+def w_only_impl(m: int, w: WOnlyWeights) -> str:
+    """The weight-only kernel w_only_gemm runs on the GPU at M rows: 'simt', 'mma' or 'dequant'."""
+    if m > GEMV_MAX_M:
+        return "dequant"
+    return "simt" if m <= SIMT_MAX_M[w.bits] and _simt_fits(w, m) else "mma"
+
+
+_SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
+
+
+def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
+    """Persistent-style grid: as many blocks per x slice as stay resident, and the row groups spread
+    evenly over their warps (rounds = ceil(row groups / resident warps)), so no partial last wave."""
+    m = x.shape[0]
+    mt, slices, u, nseg, smem = simt_plan(w.bits, w.group, w.row_words, m)
+    if not _simt_fits(w, m):
+        raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}>")
+    key = (fn.ptr, smem)
+    if key not in _SIMT_OCCUPANCY:
+        _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, SIMT_THREADS, smem)
+    warps = SIMT_THREADS // 32
+    sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
+    resident = max(1, _SIMT_OCCUPANCY[key] * sms // slices)
+    groups = -(-w.n // SIMT_ROWS)
+    rounds = -(-groups // (resident * warps))
+    nblk = -(-groups // (rounds * warps))
+    d, hi, sz, gshift = _wonly_args(w)
+    rt.launch(fn, (nblk * slices,), (SIMT_THREADS,),
+              (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+               rt.i32(w.sz.shape[1]), rt.i32(gshift), rt.i32(nblk)), shared_mem=smem)
+
+
+def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
+    m = x.shape[0]
+    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
+    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
+    d, hi, sz, gshift = _wonly_args(w)
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {rt.type_tag(x.dtype)}>")
+    rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
+              (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+               rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+
+
+def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                impl: str | None = None) -> torch.Tensor:
+    """y = x @ w_hat^T + bias for fp16/bf16 x [M, K]. On the GPU, `impl` (default: w_only_impl) picks
+    the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_MAX_M), or one
+    dequantization to x's dtype followed by torch (cuBLAS) matmul ('dequant')."""
     x = _check_x(x, w.k)
+    if impl is not None and impl not in WONLY_IMPLS:
+        raise QtoolError(f"impl must be one of {WONLY_IMPLS} or None, got {impl!r}")
     if not rt.on_gpu(x, w.data):
         return _into(ref.w_only_gemm_ref(x, w, bias), out)
-    tag = rt.type_tag(x.dtype)
+    rt.type_tag(x.dtype)  # fp16/bf16 only
     m = x.shape[0]
+    impl = impl or w_only_impl(m, w)
+    if impl == "mma" and m > GEMV_MAX_M:
+        raise QtoolError(f"the mma GEMV takes M <= {GEMV_MAX_M}, got M={m}: use impl='simt' or 'dequant'")
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
     y = _output(m, w.n, x.dtype, x.device, out)
-    if m > GEMV_MAX_M:
+    if impl == "dequant":
         torch.matmul(x, dequantize_weights(w, x.dtype).T, out=y)
         return y.add_(bias) if bias is not None else y
     if x.data_ptr() % 16:
         x = x.clone()
-    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
-    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
-    d, hi, sz, gshift = _wonly_args(w)
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {tag}>")
     if m:
-        rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
-                  (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-                   rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+        (_simt_gemv if impl == "simt" else _mma_gemv)(x, w, bias, y)
     return y

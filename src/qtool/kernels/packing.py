@@ -102,20 +102,30 @@ def pack_wonly(codes, bits: int, scales, zeros, group: int | None) -> WOnlyWeigh
     g = _check_group(k, group, scales.shape[1])
     if k % 32:
         raise QtoolError(f"weight-only kernels need K % 32 == 0, got K={k}: zero-pad K (and x) to a multiple of 32")
-    if g != k and (g & (g - 1) or g < 32):
+    if g != k and (g & (g - 1) or g < 32):  # kernels index groups by k >> log2(group): a ragged last group is fine
         raise QtoolError(f"weight-only kernels need a power-of-two group >= 32 (or per-channel), got group={g}, K={k}")
     z = zeros.to(torch.float32)
     if z.numel() and (bool((z != z.round()).any()) or float(z.min()) < 0 or float(z.max()) > 2**bits - 1):
         raise QtoolError(f"zeros must be integers in [0, {2**bits - 1}]: round the zero points before packing")
-    kblock = 16 * (16 if bits == 3 else 32 // bits)  # codes per GEMV k-block: 4 lanes x 16 B of data words
-    row_words = -(-k // kblock) * 16
+    row_words = wonly_row_words(k, bits)
     if bits == 3:
         data, hi = pack_interleaved(c & 3, 2, row_words), pack_interleaved(c >> 2, 1, row_words // 2)
     else:
         data, hi = pack_interleaved(c, bits, row_words), None
+    return WOnlyWeights(bits, n, k, g, data, hi, pack_scale_zero(scales, z))
+
+
+def wonly_row_words(k: int, bits: int) -> int:
+    """Data words per row: whole mma-GEMV k-blocks (4 lanes x 16 B of data words), zero padded."""
+    kblock = 16 * (16 if bits == 3 else 32 // bits)
+    return -(-k // kblock) * 16
+
+
+def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`sz` words: fp16 scale bits | fp16(1024 + zero) bits << 16."""
     s16 = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    z16 = (z + 1024).to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    return WOnlyWeights(bits, n, k, g, data, hi, _to_int32(s16 | (z16 << 16)).contiguous())
+    z16 = (zeros.to(torch.float32) + 1024).to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    return _to_int32(s16 | (z16 << 16)).contiguous()
 
 
 def unpack_wonly(w: WOnlyWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

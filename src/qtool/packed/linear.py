@@ -15,7 +15,15 @@ from torch import nn
 
 from qtool import kernels
 from qtool.errors import QtoolError
-from qtool.kernels.packing import WONLY_BITS, LowbitWeights, WOnlyWeights, unpack_planes, unpack_u8_weights, unpack_wonly
+from qtool.kernels.packing import (
+    WONLY_BITS,
+    LowbitWeights,
+    WOnlyWeights,
+    pack_scale_zero,
+    unpack_planes,
+    unpack_u8_weights,
+    unpack_wonly,
+)
 from qtool.kernels.segments import make_segments
 from qtool.quant.fakequant import ActQuantizer
 from qtool.quant.quantizer import dequantize_weight, fake_quant_per_token
@@ -95,16 +103,10 @@ class PackedLinear(nn.Module):
         return dequantize_weight(self.codes(), self.scales, self.zeros.float(), self.group)
 
     def _wonly(self) -> WOnlyWeights:
-        sz = self.sz if "sz" in self._buffers else self._sz()
+        sz = self.sz if "sz" in self._buffers else pack_scale_zero(self.scales, self.zeros)
         group = self.group or self.in_features
         return WOnlyWeights(self.bits, self.out_features, self.in_features, group, self.qweight,
                             getattr(self, "qweight_hi", None), sz.contiguous())
-
-    def _sz(self) -> torch.Tensor:
-        """The weight-only kernels' per-group word: fp16 scale | fp16(1024 + zero) << 16."""
-        s16 = self.scales.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-        z16 = (self.zeros.float() + 1024).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-        return s16 | (z16 << 16)
 
     def _lowbit(self) -> LowbitWeights:
         return LowbitWeights(self.layout, self.bits, self.out_features, self.in_features, self.qweight, self.terms, self.segments)

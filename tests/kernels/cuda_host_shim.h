@@ -1,0 +1,98 @@
+// Host (C++20) stand-ins for the CUDA builtins and the inline-PTX helpers of kernels/cuda/wonly_gemv.cu,
+// so tests/kernels/test_simt_host.py can run the SIMT GEMV kernel's own source on the CPU: one
+// std::thread per CUDA thread, a std::barrier per block (__syncthreads) and per warp (shuffles).
+// fp16 arithmetic uses _Float16 with one rounding per PTX instruction, as the GPU does.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+using std::max;
+using std::min;
+
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+template <class P> inline P __ldg(const P* p) { return *p; }
+using std::fmaf;
+using std::fmaxf;
+
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+uint4* emu_smem;  // the block's dynamic shared memory
+
+struct EmuWarp {
+  unsigned v[32];
+  std::barrier<> bar{32};
+};
+std::barrier<>* emu_block_bar;
+EmuWarp* emu_warps;
+inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {}  // lanes only meet in shuffles here
+template <class V> inline V __shfl_xor_sync(unsigned, V val, int o) {
+  EmuWarp& w = emu_warps[threadIdx.x >> 5];
+  const unsigned lane = threadIdx.x & 31;
+  std::memcpy(&w.v[lane], &val, 4);
+  w.bar.arrive_and_wait();
+  V r;
+  std::memcpy(&r, &w.v[lane ^ o], 4);
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+// ---- the helpers written in inline PTX in the kernel source (substituted by name) ----
+typedef unsigned int u32;
+typedef unsigned short u16;
+inline _Float16 emu_h(u32 bits) { u16 b = (u16)bits; _Float16 h; std::memcpy(&h, &b, 2); return h; }
+inline u32 emu_bits(_Float16 h) { u16 b; std::memcpy(&b, &h, 2); return b; }
+inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
+  return emu_bits(op(emu_h(a & 0xffff), emu_h(b & 0xffff))) | emu_bits(op(emu_h(a >> 16), emu_h(b >> 16))) << 16;
+}
+#define EMU_HELPERS                                                                                                     \
+  inline float h2f(u16 h) { return (float)emu_h(h); }                                                                  \
+  inline u16 f2h(float f) { return (u16)emu_bits((_Float16)f); }                                                       \
+  inline u16 f2bf(float f) {                                                                                           \
+    u32 b = (u32)__float_as_int(f);                                                                                    \
+    if (std::isnan(f)) return 0x7fc0;                                                                                  \
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);                                                             \
+  }                                                                                                                    \
+  inline u32 hsub2(u32 a, u32 b) { return emu_h2(a, b, [](_Float16 x, _Float16 y) { return (_Float16)(x - y); }); }   \
+  inline u32 hmul2(u32 a, u32 b) { return emu_h2(a, b, [](_Float16 x, _Float16 y) { return (_Float16)(x * y); }); }   \
+  inline u32 hfma2(u32 a, u32 b, u32 c) {                                                                              \
+    u32 r = 0;                                                                                                         \
+    for (int s = 0; s < 32; s += 16)                                                                                   \
+      r |= emu_bits((_Float16)((double)emu_h(a >> s) * (double)emu_h(b >> s) + (double)emu_h(c >> s))) << s;          \
+    return r;                                                                                                          \
+  }                                                                                                                    \
+  inline u32 lop_and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }                                                   \
+  inline u32 prmt(u32 a, u32 b, u32 sel) {                                                                             \
+    const unsigned long long bytes = (unsigned long long)b << 32 | a;                                                  \
+    u32 r = 0;                                                                                                         \
+    for (int i = 0; i < 4; ++i) {                                                                                      \
+      const u32 n = (sel >> (4 * i)) & 0xf, byte = (u32)(bytes >> (8 * (n & 7))) & 0xff;                               \
+      r |= (n & 8 ? (byte & 0x80 ? 0xffu : 0u) : byte) << (8 * i);                                                    \
+    }                                                                                                                  \
+    return r;                                                                                                          \
+  }                                                                                                                    \
+  inline u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | (u32)f2h(hi) << 16; }                                    \
+  inline uint4 ld_stream_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint4*>(p) : uint4{0, 0, 0, 0}; } \
+  inline uint2 ld_v2_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint2*>(p) : uint2{0, 0}; }      \
+  inline u32 ld_u32_if(const u32* p, bool ok) { return ok ? *p : 0u; }                                               \
+  template <int N> inline void cp_async_zfill(void* dst, const void* src, bool ok) {                                   \
+    if (ok) std::memcpy(dst, src, N); else std::memset(dst, 0, N);                                                     \
+  }                                                                                                                    \
+  inline void cp_async_wait_all() {}

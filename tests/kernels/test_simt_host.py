@@ -1,0 +1,161 @@
+"""CPU: the SIMT W-only GEMV's own CUDA source (kernels/cuda/wonly_gemv.cu) run on the host against the
+torch reference, so its indexing, shared-memory swizzle, cursors and bit tricks are checked without a GPU.
+
+The inline-PTX helpers are swapped by name for C++ equivalents (cuda_host_shim.h: _Float16 with one
+rounding per instruction, PRMT, LOP3); everything else is the kernel text as NVRTC compiles it. Each
+CUDA thread is a std::thread, blocks run one after another; shared memory starts NaN-poisoned and y
+NaN-filled, so unwritten values show. Grids are small (nblk = 1 gives each warp many row groups).
+"""
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qtool.kernels import ops, pack_wonly
+from qtool.kernels.packing import wonly_row_words
+from qtool.kernels.reference import w_only_gemm_ref
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_u32_if",
+           "cp_async_zfill", "cp_async_wait_all")
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
+
+# (bits, dtype, m, n, k, group, nblk, x scale): ragged groups (576/128, 1056/64 -> G = 5, 17), K = 32 * odd,
+# per-channel, group 32 (two groups per W2/W3 chunk), N not a multiple of the 16 rows of a block,
+# M sliced (5, 9), one block (many row groups per warp, several k-steps), more warps than rows, and x
+# magnitudes that make the kernel pre-scale x (fp16 x > 2^L: down; bf16 x: up or down)
+CASES = [
+    (bits, dtype, m, n, k, group, nblk, xs)
+    for bits in (2, 3, 4, 8)
+    for dtype in (torch.float16, torch.bfloat16)
+    for m, n, k, group, nblk, xs in [(1, 77, 352, 32, 1, 1), (2, 40, 576, 128, 2, 1), (3, 33, 96, None, 1, 1),
+                                     (4, 50, 1056, 64, 3, 1), (1, 19, 4160, 128, 1, 1), (5, 9, 224, 32, 1, 1),
+                                     (9, 24, 576, 64, 1, 1), (2, 21, 64, 32, 1, 600.0 if dtype == torch.float16 else 1e-30),
+                                     (1, 21, 320, 64, 1, 40.0 if dtype == torch.float16 else 1e30)]
+]
+
+
+def _source() -> str:
+    """wonly_gemv.cu with its PTX helpers replaced by the shim's and shared memory made block-static."""
+    src = (ROOT / "kernels" / "cuda" / "wonly_gemv.cu").read_text()
+    first = None
+    for name in HELPERS:
+        m = re.search(rf"(template <[^>]*> )?__device__ __forceinline__ [\w:<>]+ {name}\(", src)
+        assert m, f"helper {name} not found in wonly_gemv.cu: update tests/kernels/cuda_host_shim.h"
+        depth, i = 0, src.index("{", m.end())
+        while True:
+            depth += {"{": 1, "}": -1}.get(src[i], 0)
+            i += 1
+            if depth == 0:
+                break
+        first = m.start() if first is None else min(first, m.start())
+        src = src[:m.start()] + f"/* {name}: shim */" + src[i:]
+    src = src[:first] + "EMU_HELPERS\n" + src[first:]
+    src = src.replace("extern __shared__ uint4 xsm[];", "uint4* xsm = emu_smem;")
+    return src.replace("__shared__", "static")
+
+
+def _configs():
+    out = set()
+    for bits, dtype, m, n, k, group, nblk, _ in CASES:
+        mt, _, u, nseg, _ = ops.simt_plan(bits, group or k, wonly_row_words(k, bits), m)
+        out.add((bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16"))
+    return sorted(out)
+
+
+def _pack(bits, n, k, group, gen):
+    ng = -(-k // (group or k))
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scales = torch.rand(n, ng, generator=gen) * 0.02 + 0.005
+    zeros = torch.randint(0, 2**bits, (n, ng), generator=gen).float()
+    return pack_wonly(codes, bits, scales, zeros, group)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return build(_configs())
+
+
+def build(configs) -> ctypes.CDLL:
+    """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T> for each (B, MT, U, NSEG, 'F16'|'BF16')."""
+    launch = """
+template <int B, int MT, int U, int NSEG, class T>
+void emu_launch(const u32* wq, const u32* whi, const u32* sz, const u16* x, const u16* bias, u16* y,
+                int M, int N, int K, int row_words, int G, int gshift, int nblk, int grid, long smem) {
+  std::vector<uint4> sm(smem / 16 + 1);
+  blockDim.x = 256;
+  gridDim.x = grid;
+  for (int b = 0; b < grid; ++b) {
+    std::fill(sm.begin(), sm.end(), uint4{0x7e017e01u, 0x7e017e01u, 0x7e017e01u, 0x7e017e01u});  // fp16 NaN
+    emu_smem = sm.data();
+    std::barrier<> bar(256);
+    emu_block_bar = &bar;
+    std::unique_ptr<EmuWarp[]> warps(new EmuWarp[8]);
+    emu_warps = warps.get();
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < 256; ++t)
+      ts.emplace_back([=] {
+        threadIdx.x = t;
+        blockIdx.x = b;
+        wonly_gemv_simt<B, MT, U, NSEG, T>(wq, whi, sz, x, bias, y, M, N, K, row_words, G, gshift, nblk);
+      });
+    for (auto& t : ts) t.join();
+  }
+}
+extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u32* sz,
+                        const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
+                        int nblk, int grid, long smem) {
+"""
+    for b, mt, u, nseg, t in configs:
+        launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')}) "
+                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, sz, x, bias, y, M, N, K, row_words, G, gshift, nblk, grid, smem), 0;\n")
+    launch += "  return 1;\n}\n"
+    code = f'#include "{Path(__file__).with_name("cuda_host_shim.h")}"\n' + _source() + launch
+    tag = hashlib.sha1((code + Path(__file__).with_name("cuda_host_shim.h").read_text()).encode()).hexdigest()[:16]
+    so = Path(tempfile.gettempdir()) / f"qtool_simt_host_{tag}.so"
+    if not so.exists():
+        cpp = so.with_suffix(".cpp")
+        cpp.write_text(code)
+        r = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(so), str(cpp)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+    return ctypes.CDLL(str(so))
+
+
+def _u16(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+
+
+def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.Tensor:
+    """y = x @ w_hat^T + bias from the host-run kernel, on a grid of nblk blocks per x slice."""
+    m = x.shape[0]
+    mt, slices, u, nseg, smem = ops.simt_plan(w.bits, w.group, w.row_words, m)
+    y = np.full((m, w.n), 0x7E01, dtype=np.uint16)  # NaN
+    words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data, w.sz)]
+    halves = [_u16(x), _u16(bias) if bias is not None else None]
+    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *halves, y)]
+    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.sz.shape[1],
+                      ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
+    assert rc == 0, "instantiation not built"
+    return torch.from_numpy(y.view(np.int16)).view(x.dtype)
+
+
+@pytest.mark.parametrize("bits,dtype,m,n,k,group,nblk,xs", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_simt_gemv_host(lib, bits, dtype, m, n, k, group, nblk, xs):
+    gen = torch.Generator().manual_seed(bits * 131 + m * 17 + n + k + nblk)
+    w = _pack(bits, n, k, group, gen)
+    x = (torch.randn(m, k, generator=gen) * xs).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    out = run(lib, w, x, bias, nblk)
+    assert not torch.isnan(out).any(), "kernel left unwritten (NaN) outputs"
+    expect = w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64).double()
+    err = (out.double() - expect).abs().max().item()
+    assert err <= 1e-2 * expect.abs().max().item(), f"max err {err:.3g} vs max |ref| {expect.abs().max().item():.3g}"
