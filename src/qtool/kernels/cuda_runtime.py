@@ -61,13 +61,19 @@ def i32(v: int) -> np.int32:
     return np.int32(v)
 
 
+def handle(fn) -> int:
+    """The CUfunction of a compiled kernel: CuPy's RawKernel keeps it in `.kernel` (a Function)."""
+    return fn.ptr if hasattr(fn, "ptr") else fn.kernel.ptr
+
+
 def allow_shared(fn, nbytes: int) -> None:
     """Let `fn` take `nbytes` of dynamic shared memory (above 48 KiB the driver needs an opt-in)."""
     from cupy_backends.cuda.api import driver
 
-    if nbytes > 48 * 1024 and _SHARED_OPT_IN.get(fn.ptr, 0) < nbytes:
-        driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-        _SHARED_OPT_IN[fn.ptr] = nbytes
+    h = handle(fn)
+    if nbytes > 48 * 1024 and _SHARED_OPT_IN.get(h, 0) < nbytes:
+        driver.funcSetAttribute(h, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+        _SHARED_OPT_IN[h] = nbytes
 
 
 _SHARED_OPT_IN: dict = {}  # function handle -> dynamic shared memory bytes allowed
@@ -78,7 +84,7 @@ def blocks_per_sm(fn, threads: int, shared_mem: int) -> int:
     from cupy_backends.cuda.api import driver
 
     allow_shared(fn, shared_mem)
-    return driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, threads, shared_mem)
+    return driver.occupancyMaxActiveBlocksPerMultiprocessor(handle(fn), threads, shared_mem)
 
 
 def device_attribute(attr: str, device: int | None = None) -> int:

@@ -231,7 +231,7 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     if not _simt_fits(w, m):
         raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
     fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}>")
-    key = (fn.ptr, smem)
+    key = (rt.handle(fn), smem)
     if key not in _SIMT_OCCUPANCY:
         _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, SIMT_THREADS, smem)
     warps = SIMT_THREADS // 32
