@@ -23,7 +23,7 @@ SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
 # issue keeps pace with HBM. W2/W3 stay on SIMT up to M = 16 (slices of 4): the mma GEMV reads x
 # fragments through L1 at 16 B per 8 codes per row there, which held it to 0.6-0.7x fp16 at M = 16;
 # dequantize + cuBLAS is no cure (it writes the fp16 weights first: 0.43x fp16 measured at M = 64).
-SIMT_MAX_M = {2: 16, 3: 16, 4: 4, 8: 4}
+SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}  # H100 (bench/gemv_variants.py): at M = 4 the mma GEMV wins for W4 on 2 of 4 shapes
 WONLY_IMPLS = ("simt", "mma", "dequant")
 
 
