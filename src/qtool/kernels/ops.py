@@ -196,11 +196,11 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
 def simt_plan(bits: int, group: int, row_words: int, m: int) -> tuple[int, int, int, int, int]:
     """(MT x rows per block, slices, U chunks per row and step, NSEG groups per chunk, shared bytes)
     for wonly_gemv_simt. U and the MT cap keep every instantiation within 128 registers without spills
-    (W2/W3 hold more codes per word: U = 1 beyond MT = 1; two groups per chunk (W2/W3 with group 32)
-    double the group constants and spill at MT = 4)."""
+    (W2/W3 hold more codes per word: U = 1 beyond MT = 1; W3, and W2 when a chunk spans two groups
+    (group 32: twice the group constants), spill at MT = 4)."""
     nseg = 2 if bits in (2, 3) and group == 32 else 1
     m = max(m, 1)
-    slices = -(-m // (3 if nseg == 2 else 4))
+    slices = -(-m // (3 if nseg == 2 or bits == 3 else 4))
     mt = -(-m // slices)
     u = 2 if bits in (4, 8) or (mt == 1 and (bits == 2 or nseg == 1)) else 1
     codes = 16 if bits == 3 else 32 // bits  # per data word
