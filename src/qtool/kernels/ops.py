@@ -19,7 +19,7 @@ SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Estimates until an H100 run of bench/gemv_variants.py (which times both forced,
 # at M = 1, 4, 16) sets them: SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per 16-byte
-# word at M = 1, ~150 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
+# word at M = 1, ~158 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
 # issue keeps pace with HBM. W2/W3 stay on SIMT up to M = 16 (slices of 4): the mma GEMV reads x
 # fragments through L1 at 16 B per 8 codes per row there, which held it to 0.6-0.7x fp16 at M = 16;
 # dequantize + cuBLAS is no cure (it writes the fp16 weights first: 0.43x fp16 measured at M = 64).
