@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
 // ---- SIMT GEMV for small M (wonly_gemv_simt) ---------------------------------------------------
 // Bandwidth design, per 16-byte weight word ("chunk", 4 data words = 4C codes of one row):
 // lanes of a warp stream 32 consecutive chunks of a row (512 B, coalesced) for SIMT_R rows at once,
-// U chunks apart per row, and issue the next step's R*U loads before computing the current step
-// (register double buffer: >= R*U*512 B in flight per warp). x [MT, K] is staged once per block in
+// U chunks apart per row, into two register buffers of a step each, each refilled two steps ahead as
+// soon as it is computed (R*U*512 B always in flight per warp). x [MT, K] is staged once per block in
 // shared memory, swizzled so that the lanes' x loads of one weight word are contiguous (no bank
 // conflicts), and shared by the R rows. Per pair of codes: LOP3 (+ a shared SHF), one HSUB2/HFMA2
 // giving the exact integers q - z in fp16, then one HFMA2 per x row into a half2 partial; the
@@ -355,7 +355,8 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
     if (++lk == KI) { lk = 0; lrg += TW; }
   };
   SimtStage<B, U, NSEG> sa, sb;
-  load(sa);  // the first weights stream in while x is staged
+  load(sa);  // two steps of weights stream in while x is staged
+  load(sb);
 
   // Stage x rows m0.. swizzled: the x of (chunk c, word j, piece h) is unit ((c/32 * 4 + j) * NP + h) * 32
   // + c%32 of PIECE codes. cp.async puts every copy of the block in flight at once (a register loop
@@ -490,19 +491,20 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
     }
   };
 
-  // Ping-pong, so the buffers are never copied. __syncwarp fences ptxas's scheduling: without it, it
-  // sank some loads of the next stage into the current compute (shorter register live ranges, W2/W3),
-  // which shortens the time those loads have in flight.
+  // Ping-pong: a buffer is refilled (two steps ahead) as soon as it is computed, so one step is always
+  // in flight during a compute, and the buffers are never copied. __syncwarp fences ptxas's scheduling:
+  // without it, it sank some loads into the next compute (shorter register live ranges, W2/W3), which
+  // shortens the time those loads have in flight.
   const int steps = (gw < nrg ? (nrg - 1 - gw) / TW + 1 : 0) * KI;
 #pragma unroll 1
   for (int s = 0; s < steps; s += 2) {
-    load(sb);
-    __syncwarp();
     compute(sa);
-    if (s + 1 == steps) break;
     load(sa);
     __syncwarp();
+    if (s + 1 == steps) break;
     compute(sb);
+    load(sb);
+    __syncwarp();
   }
 }
 

@@ -176,7 +176,7 @@ def test_w_only_gemv_simt(bits, dtype, m, n, k, group):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [5, 9, 16])
 def test_w_only_gemv_simt_sliced(bits, m):
-    """M > 4: x rows in slices of <= 4 (<= 3 for W2/W3 with group 32), one slice per block."""
+    """M > 4: x rows in slices of <= 4 (<= 3 for W3 and for W2 with group 32), one slice per block."""
     for group in (32, 128):
         _wonly_check(*_wonly_case(bits, 300, 1056, group, m, torch.float16, bits + m + group), impl="simt")
 

@@ -19,7 +19,7 @@ SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Estimates until an H100 run of bench/gemv_variants.py (which times both forced,
 # at M = 1, 4, 16) sets them: SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per 16-byte
-# word at M = 1, ~150 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
+# word at M = 1, ~158 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
 # issue keeps pace with HBM. W2/W3 stay on SIMT up to M = 16 (slices of 4): the mma GEMV reads x
 # fragments through L1 at 16 B per 8 codes per row there, which held it to 0.6-0.7x fp16 at M = 16;
 # dequantize + cuBLAS is no cure (it writes the fp16 weights first: 0.43x fp16 measured at M = 64).
@@ -196,11 +196,11 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
 def simt_plan(bits: int, group: int, row_words: int, m: int) -> tuple[int, int, int, int, int]:
     """(MT x rows per block, slices, U chunks per row and step, NSEG groups per chunk, shared bytes)
     for wonly_gemv_simt. U and the MT cap keep every instantiation within 128 registers without spills
-    (W2/W3 hold more codes per word: U = 1 beyond MT = 1; two groups per chunk (W2/W3 with group 32)
-    double the group constants and spill at MT = 4)."""
+    (W2/W3 hold more codes per word: U = 1 beyond MT = 1; W3, and W2 when a chunk spans two groups
+    (group 32: twice the group constants), spill at MT = 4)."""
     nseg = 2 if bits in (2, 3) and group == 32 else 1
     m = max(m, 1)
-    slices = -(-m // (3 if nseg == 2 else 4))
+    slices = -(-m // (3 if nseg == 2 or bits == 3 else 4))
     mt = -(-m // slices)
     u = 2 if bits in (4, 8) or (mt == 1 and (bits == 2 or nseg == 1)) else 1
     codes = 16 if bits == 3 else 32 // bits  # per data word
