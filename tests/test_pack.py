@@ -192,3 +192,23 @@ def test_smollm2_packed_equals_stage_on_real_text(smollm2_float, spec):
     apply_spec(ref, adapter, parse_spec(spec))
     pack_model(model, adapter, parse_spec(spec))
     assert torch.equal(_logits(model, ids), _logits(ref, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("spec", ["W4A16-g32", "W2A16-g32", "W3A16", "W8A16-g64", "W4A4", "W4A8-g32", "W6A8", "W4A4KV4"])
+def test_packed_model_on_the_gpu_kernels_matches_the_cpu_reference(tiny_dir, tmp_path, spec):
+    """The kernel path of every layout against the exact CPU reference of the same checkpoint
+    (16-bit activations on the GPU, so a loose tolerance), in kernel form (fp32 scales dropped)."""
+    from qtool.kernels.cuda_runtime import cupy_available
+
+    if not cupy_available():
+        pytest.skip("cupy not installed")
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(5))
+    ref = _logits(load_packed(tmp_path / "p"), ids).double()
+    gpu_model = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
+    assert all("scales" not in m._buffers for m in gpu_model.modules() if isinstance(m, PackedLinear))
+    out = _logits(gpu_model, ids.cuda()).double().cpu()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
