@@ -197,18 +197,28 @@ def test_smollm2_packed_equals_stage_on_real_text(smollm2_float, spec):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("spec", ["W4A16-g32", "W2A16-g32", "W3A16", "W8A16-g64", "W4A4", "W4A8-g32", "W6A8", "W4A4KV4"])
-def test_packed_model_on_the_gpu_kernels_matches_the_cpu_reference(tiny_dir, tmp_path, spec):
-    """The kernel path of every layout against the exact CPU reference of the same checkpoint
-    (16-bit activations on the GPU, so a loose tolerance), in kernel form (fp32 scales dropped)."""
+def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp_path, spec):
+    """Every layout's kernel path (in kernel form: fp32 scales dropped) against the exact CPU
+    reference of the same checkpoint, linear by linear on the same fp16 inputs (so activation codes
+    agree and only fp16 output rounding and summation order differ); whole-model logits too for the
+    weight-only specs (quantized activations would amplify fp16 rounding through code flips)."""
     from qtool.kernels.cuda_runtime import cupy_available
 
     if not cupy_available():
         pytest.skip("cupy not installed")
     pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
-    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(5))
-    ref = _logits(load_packed(tmp_path / "p"), ids).double()
-    gpu_model = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
-    assert all("scales" not in m._buffers for m in gpu_model.modules() if isinstance(m, PackedLinear))
-    out = _logits(gpu_model, ids.cuda()).double().cpu()
-    assert torch.isfinite(out).all()
-    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    cpu = load_packed(tmp_path / "p")
+    gpu = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
+    assert all("scales" not in m._buffers for m in gpu.modules() if isinstance(m, PackedLinear))
+    gen = torch.Generator().manual_seed(5)
+    for name, ref_linear in cpu.model.layers[0].named_modules():
+        if not isinstance(ref_linear, PackedLinear) or ref_linear.kv_bits < 16:
+            continue  # K/V outputs are re-quantized from 16-bit values on the GPU: codes may flip
+        x = torch.randn(5, ref_linear.in_features, generator=gen).half()
+        ref = ref_linear(x.float()).double()
+        out = gpu.model.layers[0].get_submodule(name)(x.cuda()).double().cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 5e-3, name
+    if "A16" in spec:
+        ids = torch.randint(0, 1000, (2, 24), generator=gen)
+        ref, out = _logits(cpu, ids).double(), _logits(gpu, ids.cuda()).double().cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2
