@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, "bench")
 from gemv_variants import random_wonly
+from ncu_profile import profile
 
 from qtool.kernels import ops
 
@@ -37,15 +38,5 @@ wf = torch.randn(n, k, device="cuda", dtype=torch.float16)
 x = torch.randn(1, k, device="cuda", dtype=torch.float16)
 runs = {"mma_gemv": lambda: ops.w_only_gemm(x, w, impl="mma"), "simt_gemv": lambda: ops.w_only_gemm(x, w, impl="simt"),
         "fp16_matmul": lambda: x @ wf.T}
-for fn in runs.values():  # compile (NVRTC) and warm up outside the profiled window
-    fn()
-torch.cuda.synchronize()
-torch.cuda.profiler.start()
-for name, fn in runs.items():
-    torch.cuda.nvtx.range_push(name)
-    fn()
-    torch.cuda.nvtx.range_pop()
-torch.cuda.synchronize()
-torch.cuda.profiler.stop()
-print(f"profiled {list(runs)} at {n}x{k}, M=1, W4 g128", flush=True)
+profile(runs)
 EOF

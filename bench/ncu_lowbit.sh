@@ -13,7 +13,12 @@ NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/
 timeout 115 "$NCU" --clock-control none --profile-from-start off --nvtx \
   --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
   python3 - <<'PY' 2>&1 | tee "$OUT/ncu_lowbit.txt"
+import sys
+
 import torch
+
+sys.path.insert(0, "bench")
+from ncu_profile import profile
 
 from qtool import kernels
 
@@ -42,15 +47,5 @@ runs = {
     "w2a8_u8_gemv_m1": lambda: kernels.u8_gemm(a1u, w2u),
     "w2a8_bitplane_gemv_m1": lambda: kernels.bitplane_gemm(a1p, w2p),
 }
-for fn in runs.values():
-    fn()
-torch.cuda.synchronize()
-torch.cuda.profiler.start()
-for name, fn in runs.items():
-    torch.cuda.nvtx.range_push(name)
-    fn()
-    torch.cuda.nvtx.range_pop()
-torch.cuda.synchronize()
-torch.cuda.profiler.stop()
-print(f"profiled {list(runs)}", flush=True)
+profile(runs)
 PY
