@@ -17,13 +17,13 @@ GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cu
 GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu (mma GEMV)
 SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
-# GEMV_MAX_M above it. Estimates until an H100 run of bench/gemv_variants.py (which times both forced,
-# at M = 1, 4, 16) sets them: SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per 16-byte
-# word at M = 1, ~158 at M = 4 in SASS) against a fixed ~4 (+ mma) for the mma GEMV, so it leads while
-# issue keeps pace with HBM. W2/W3 stay on SIMT up to M = 16 (slices of 4): the mma GEMV reads x
-# fragments through L1 at 16 B per 8 codes per row there, which held it to 0.6-0.7x fp16 at M = 16;
-# dequantize + cuBLAS is no cure (it writes the fp16 weights first: 0.43x fp16 measured at M = 64).
-SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}  # H100 (bench/gemv_variants.py): at M = 4 the mma GEMV wins for W4 on 2 of 4 shapes
+# GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
+# bench/results/gemv_variants_h100.csv): SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per
+# 16-byte word at M = 1, ~158 at M = 4), so for W4 it wins at M = 1 (2.5-3.6x fp16 vs 2.0-2.4x) but
+# not at M = 4 (1.6x vs 1.9x on 4096x11008); W8 follows W4 (not measured). W2/W3 stay on SIMT up to
+# M = 16: there the mma GEMV reads x fragments through L1 at 16 B per 8 codes per row (0.59-0.68x fp16
+# at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
+SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}
 WONLY_IMPLS = ("simt", "mma", "dequant")
 
 
