@@ -109,21 +109,26 @@ def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return y if out is None else _output(*y.shape, y.dtype, y.device, out).copy_(y)
 
 
-def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, wm: int, wn: int, ksplit: int, out):
+def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, grid, threads: int, out, bounds: bool = False):
+    """Launch a low-bit GEMM/GEMV of lowbit_gemm.cu; they share one argument list (the bit-plane
+    GEMV also takes the segments' K bounds, after the padded tile offsets)."""
     seg, dev = w.segments, a.data.device
     y = _output(a.m, w.n, a.dtype, dev, out)
     if bias is not None:
         bias = bias.to(device=dev, dtype=a.dtype).contiguous()
     t = _seg_tables(seg, dev)
-    tile_seg, cluster_of, ptile = t[5], t[4], t[6]
+    tables = (rt.ptr(t[6]), rt.ptr(t[2])) if bounds else (rt.ptr(t[6]),)
     fn = rt.kernel("lowbit_gemm.cu", name)
-    grid = (-(-w.n // (8 * wn)), -(-a.m // (16 * wm)))
     if a.m:
-        rt.launch(fn, grid, (32 * ksplit,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(tile_seg), rt.ptr(a.scale), rt.ptr(a.zero),
-                                              rt.ptr(a.seg_sum), rt.ptr(cluster_of), rt.ptr(w.terms), rt.ptr(ptile),
-                                              rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
-                                              rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
+        rt.launch(fn, grid, (threads,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(t[5]), rt.ptr(a.scale), rt.ptr(a.zero),
+                                         rt.ptr(a.seg_sum), rt.ptr(t[4]), rt.ptr(w.terms), *tables,
+                                         rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
+                                         rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
     return y
+
+
+def _tile_grid(a: PackedActivations, w: LowbitWeights, wm: int, wn: int) -> tuple[int, int]:
+    return -(-w.n // (8 * wn)), -(-a.m // (16 * wm))
 
 
 def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,24 +139,15 @@ def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | N
     if a.m <= GEMV_MAX_M:
         return _bitplane_gemv(a, w, bias, out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
-    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias,
+                          _tile_grid(a, w, wm, wn), 32 * ks, out)
 
 
 def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
     """Decode-sized M: AND+POPC on CUDA cores, a warp per output row (bandwidth-bound on the planes)."""
-    seg, dev = w.segments, a.data.device
-    y = _output(a.m, w.n, a.dtype, dev, out)
-    if bias is not None:
-        bias = bias.to(device=dev, dtype=a.dtype).contiguous()
-    t = _seg_tables(seg, dev)
     mt = 1 if a.m <= 1 else 4 if a.m <= 4 else 16
-    fn = rt.kernel("lowbit_gemm.cu", f"bitplane_gemv<{w.bits}, {a.bits}, {mt}, {rt.type_tag(a.dtype)}>")
-    if a.m:
-        rt.launch(fn, (-(-w.n // 4),), (128,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(t[5]), rt.ptr(a.scale), rt.ptr(a.zero),
-                                                rt.ptr(a.seg_sum), rt.ptr(t[4]), rt.ptr(w.terms), rt.ptr(t[6]), rt.ptr(t[2]),
-                                                rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
-                                                rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
-    return y
+    name = f"bitplane_gemv<{w.bits}, {a.bits}, {mt}, {rt.type_tag(a.dtype)}>"
+    return _lowbit_launch(name, a, w, bias, (-(-w.n // 4),), 128, out, bounds=True)
 
 
 def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,9 +156,9 @@ def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = 
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.u8_gemm_ref(a, w, bias), out)
     if a.m > GEMV_MAX_M:  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
-        return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, 4, 8, 4, out)
+        return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, 4, 8), 128, out)
     wm, wn, ks = _lowbit_config(a.m, 3)
-    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, wm, wn, ks, out)
+    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, wm, wn), 32 * ks, out)
 
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
