@@ -35,9 +35,8 @@ class PackParams(StageParams):
     dtype: str = "float32"  # of the tensors that stay float (embeddings, norms, head)
 
 
-def _prepared(params: PackParams):
-    """(source, spec, model with its stage's weights, adapter, qparams, clusters), as eval sees them."""
-    source = open_source(params.model)
+def _prepared(params: PackParams, source):
+    """(spec, model with its stage's weights, adapter, qparams, clusters), as eval sees them."""
     if read_quantization_config(source.path) is not None:
         raise QtoolError(f"{source.path} is already packed; pack the stage it came from")
     if not source.spec and not params.spec:
@@ -49,7 +48,7 @@ def _prepared(params: PackParams):
     model, _ = load(source, pick_dtype(params.dtype))
     adapter = adapter_for(model.config)
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
-    return source, spec, model, adapter, qparams, clusters
+    return spec, model, adapter, qparams, clusters
 
 
 def _writer(params: PackParams, source, spec) -> StageWriter:
@@ -90,7 +89,7 @@ def pack(params: PackParams, device: str = "auto") -> dict:
     if skipped:
         return skipped
     t0 = time.time()
-    source, spec, model, adapter, qparams, clusters = _prepared(params)
+    spec, model, adapter, qparams, clusters = _prepared(params, source)
     if params.format != "qtool":
         return _export(params, source, spec, model, adapter, qparams, clusters, t0)
     layout = pack_model(model, adapter, spec, qparams, clusters)
