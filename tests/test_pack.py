@@ -17,13 +17,14 @@ from qtool.pack import PackParams, pack
 from qtool.packed.linear import PackedLinear
 from qtool.packed.model import load_packed
 from qtool.quant.fakequant import apply_spec
-from qtool.quant.quantizer import quantize_weight
+from qtool.quant.quantizer import dequantize_weight, quantize_weight
 from qtool.quant.reorder import cluster_bounds
 from qtool.reorder import ReorderParams, reorder
 from qtool.runtime import load, open_source
 from qtool.spec import parse_spec
 
 from conftest import tiny_model
+from test_exports import DECODE
 
 # every layout: weight-only 2/3/4/8 bits (3-bit uses a second word plane), u8 (W<=4 x A<=8), planes (W5-8)
 SPECS = ["W4A16-g32", "W3A16", "W2A16-g32", "W8A16-g64", "W2*A16-g32", "W4A4", "W4A8-g32", "W6A8", "W4A4KV4", "W4A16KV3"]
@@ -154,7 +155,16 @@ def test_exports_hold_the_stage_weights(tiny_dir, tmp_path, fmt):
     assert config["quant_method"] == fmt and (config.get("bits") or 4) == 4
     tensors = load_file(tmp_path / "e" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
-    assert ("model.layers.0.self_attn.q_proj.qweight" if fmt == "gptq" else "model.layers.0.self_attn.q_proj.weight_packed") in tensors
+    # every block linear decodes (independent readers of test_exports) to the stage's weights with
+    # the scales rounded to fp16, the one change the formats make
+    float_model, _ = load(open_source(str(tiny_dir)))
+    for name, linear in float_model.model.layers.named_modules():
+        if isinstance(linear, torch.nn.Linear):
+            prefix = f"model.layers.{name}."
+            stored = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            codes, scale, zero = quantize_weight(linear.weight, parse_spec(spec))
+            expect = dequantize_weight(codes, scale.half().float(), zero, 32)
+            assert torch.equal(DECODE[fmt](stored, 4, 32, fmt == "compressed-tensors").float(), expect), name
     with pytest.raises(QtoolError, match="weight-only"):
         pack(PackParams(str(tiny_dir), str(tmp_path / "x"), spec="W4A8", format=fmt))
     if fmt == "gptq" and importlib.util.find_spec("optimum") is None:  # no GPTQ loader here: one line, not a traceback
