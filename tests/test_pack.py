@@ -26,8 +26,11 @@ from qtool.spec import parse_spec
 from conftest import tiny_model
 from test_exports import DECODE
 
-# every layout: weight-only 2/3/4/8 bits (3-bit uses a second word plane), u8 (W<=4 x A<=8), planes (W5-8)
-SPECS = ["W4A16-g32", "W3A16", "W2A16-g32", "W8A16-g64", "W2*A16-g32", "W4A4", "W4A8-g32", "W6A8", "W4A4KV4", "W4A16KV3"]
+# every layout: weight-only 2/3/4/8 bits (3-bit uses a second word plane, also under quantized
+# activations), u8 (W<=4 x A<=8), planes (W5-8, or asked for)
+SPECS = [("W4A16-g32", "auto"), ("W3A16", "auto"), ("W2A16-g32", "auto"), ("W8A16-g64", "auto"), ("W2*A16-g32", "auto"),
+         ("W4A4", "auto"), ("W3A8-g32", "auto"), ("W4A4", "u8"), ("W4A8-g32", "u8"), ("W2A8", "planes"), ("W6A8", "auto"),
+         ("W4A4KV4", "auto"), ("W4A4KV4", "u8"), ("W4A16KV3", "auto")]
 
 
 def _logits(model, ids):
@@ -41,13 +44,13 @@ def _fake_quant(path, spec):
     return model
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_packed_model_equals_fake_quantized_stage_exactly(tiny_dir, tmp_path, spec):
-    result = pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+@pytest.mark.parametrize("spec,layout", SPECS)
+def test_packed_model_equals_fake_quantized_stage_exactly(tiny_dir, tmp_path, spec, layout):
+    result = pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec, layout=layout))
     packed = load_packed(tmp_path / "p")
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     assert torch.equal(_logits(packed, ids), _logits(_fake_quant(tiny_dir, spec), ids))
-    assert result["layout"] == ("wonly" if "A16" in spec else "u8" if spec[1] in "24" else "planes")
+    assert result["layout"] == (layout if layout != "auto" else "planes" if spec.startswith("W6") else "wonly")
     # the packed codes are the stage's codes
     float_model, _ = load(open_source(str(tiny_dir)))
     q = float_model.model.layers[1].mlp.down_proj.weight
@@ -130,6 +133,10 @@ def test_bad_inputs(tiny_dir, tmp_path):
         pack(PackParams(str(tiny_dir), str(tmp_path / "a"), spec="W5A16"))
     with pytest.raises(QtoolError, match="per-tensor"):
         pack(PackParams(str(tiny_dir), str(tmp_path / "a"), spec="W4A8-tensor"))
+    for spec, layout, match in [("W4A8", "nibbles", "unknown layout"), ("W4A16", "u8", "needs an activation spec"),
+                                ("W6A8", "u8", "at most 4 bits"), ("W6A8", "wonly", "holds")]:
+        with pytest.raises(QtoolError, match=match):
+            pack(PackParams(str(tiny_dir), str(tmp_path / "a"), spec=spec, layout=layout))
     with pytest.raises(QtoolError, match="unknown --format"):
         pack(PackParams(str(tiny_dir), str(tmp_path / "a"), spec="W4A16", format="awq"))
     pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W4A16-g32"))
@@ -210,8 +217,10 @@ def test_smollm2_packed_equals_stage_on_real_text(smollm2_float, spec):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize("spec", ["W4A16-g32", "W2A16-g32", "W3A16", "W8A16-g64", "W4A4", "W4A8-g32", "W6A8", "W4A4KV4"])
-def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp_path, spec):
+@pytest.mark.parametrize("spec,layout", [("W4A16-g32", "auto"), ("W2A16-g32", "auto"), ("W3A16", "auto"), ("W8A16-g64", "auto"),
+                                         ("W4A4", "auto"), ("W2A8", "auto"), ("W4A4", "u8"), ("W4A8-g32", "u8"), ("W6A8", "auto"),
+                                         ("W4A4KV4", "auto"), ("W4A4KV4", "u8")])
+def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp_path, spec, layout):
     """Every layout's kernel path (in kernel form: fp32 scales dropped) against the exact CPU
     reference of the same checkpoint, linear by linear on the same fp16 inputs (so activation codes
     agree and only fp16 output rounding and summation order differ); whole-model logits too for the
@@ -220,7 +229,7 @@ def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp
 
     if not cupy_available():
         pytest.skip("cupy not installed")
-    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec, layout=layout))
     cpu = load_packed(tmp_path / "p")
     gpu = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
     assert all("scales" not in m._buffers for m in gpu.modules() if isinstance(m, PackedLinear))

@@ -184,13 +184,14 @@ def pack(
     spec: Optional[str] = typer.Option(None, help="Spec to pack (default: the stage's own), e.g. W4A16-g128, W4A4, W4A4KV4."),
     format: str = typer.Option("qtool", "--format", help="qtool (kernels, `qtool.load`), gptq or compressed-tensors (weight-only exports)."),
     dtype: str = typer.Option("float32", help="dtype of the tensors that stay float (embeddings, norms, head): float32, float16, bfloat16."),
+    layout: str = typer.Option("auto", help="Kernel layout: auto (weight-only wherever it holds the width), wonly, u8 (integer tensor cores), planes (bit-plane GEMM)."),
     as_json: bool = JSON,
 ):
     """Pack a quantized stage into the kernels' layout (or export GPTQ / compressed-tensors)."""
     from qtool.pack import PackParams
     from qtool.pack import pack as run_stage
 
-    result = run_stage(PackParams(model, out, spec=spec, format=format, dtype=dtype))
+    result = run_stage(PackParams(model, out, spec=spec, format=format, dtype=dtype, layout=layout))
     keys = ("out", "spec", "layout", "format", "disk_bytes", "bits_per_weight", "bits_per_weight_gpu", "seconds")
     _finish(result, as_json, _kv_table("qtool pack", {k: result[k] for k in keys if k in result}))
 

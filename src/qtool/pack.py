@@ -33,6 +33,7 @@ class PackParams(StageParams):
     spec: str | None = None  # None: the stage's own spec
     format: str = "qtool"
     dtype: str = "float32"  # of the tensors that stay float (embeddings, norms, head)
+    layout: str = "auto"  # kernel layout (packed.linear.choose_layout)
 
 
 def _prepared(params: PackParams, source):
@@ -92,7 +93,7 @@ def pack(params: PackParams, device: str = "auto") -> dict:
     spec, model, adapter, qparams, clusters = _prepared(params, source)
     if params.format != "qtool":
         return _export(params, source, spec, model, adapter, qparams, clusters, t0)
-    layout = pack_model(model, adapter, spec, qparams, clusters)
+    layout = pack_model(model, adapter, spec, qparams, clusters, params.layout)
     with _writer(params, source, spec) as writer:
         save_packed(model, writer.tmp, spec, layout)
         summary = pack_summary(model, writer.tmp)

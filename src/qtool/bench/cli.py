@@ -49,6 +49,7 @@ def e2e(
     prefill: int = typer.Option(2048, help="prefill tokens (batch 1)"),
     context: int = typer.Option(512, help="tokens already in the KV cache when decoding"),
     reps: int = typer.Option(20, help="timed runs per measurement (median reported)"),
+    runtimes: str = typer.Option("qtool", help="runtimes of the packed specs: qtool (Decoder), hf (transformers); fp16 runs under both"),
     out: Path = typer.Option(Path("bench_out"), help="directory for e2e_bench.csv and .png"),
     as_json: bool = typer.Option(False, "--json", help="print the rows as one JSON list as the last line"),
 ) -> None:
@@ -58,7 +59,8 @@ def e2e(
     try:
         depth = {k: int(v) for k, _, v in (item.partition("=") for item in layers.split(",") if item)}
         rows = run_e2e([m for m in models.split(",") if m], [s for s in specs.split(",") if s], depth,
-                       [int(b) for b in batches.split(",")], prefill, context, reps, out)
+                       [int(b) for b in batches.split(",")], prefill, context, reps, out,
+                       [r for r in runtimes.split(",") if r])
     except (QtoolError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

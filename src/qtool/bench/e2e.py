@@ -3,10 +3,14 @@ models beside the same model in fp16, in one run.
 
 Models: SmolLM2 with its real weights, and LLaMA-2-7B / 70B shapes (configs/) with random weights and
 fewer blocks (`--layers`), as the table states. Every variant is built afresh on the GPU from the
-same seed (the same fp16 weights), packed by RTN (`pack_model`) and reduced to kernel form. Timing: CUDA events, warm-up, median.
-Prefill: one forward of batch 1 x `--prefill` tokens. Decode: one token per sequence for batch 1, 8
-and 32 after `--context` cached tokens, captured as a CUDA graph and replayed (host launch overhead
-would otherwise hide the kernels at batch 1), so tokens/s = batch / step time.
+same seed (the same fp16 weights), packed by RTN (`pack_model`) and reduced to kernel form.
+Runtimes: `hf` is the transformers forward with its DynamicCache; `qtool` is qtool.decoder.Decoder
+(static cache, fused q|k|v and gate|up, compiled small ops). fp16 always runs under both, so every
+packed row has a speed-up against fp16 in its own runtime and against fp16 in transformers.
+Timing: CUDA events, warm-up, median. Prefill: one forward of batch 1 x `--prefill` tokens. Decode:
+one token per sequence for batch 1, 8 and 32 after `--context` cached tokens, captured as a CUDA
+graph and replayed (host launch overhead would otherwise hide the kernels at batch 1), so tokens/s
+= batch / step time.
 """
 
 from __future__ import annotations
@@ -63,29 +67,17 @@ def _time(fn, reps: int, warmup: int = 3) -> float:
 
 
 @torch.no_grad()
-def prefill_seconds(model, tokens: int, reps: int) -> float:
+def prefill_seconds(model, tokens: int, reps: int, decoder=None) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda")
+    if decoder is not None:
+        decoder.resize(1, tokens)
+        return _time(lambda: decoder.forward(ids, 0), reps)
     return _time(lambda: model(ids, use_cache=False, logits_to_keep=1), reps)
 
 
-@torch.no_grad()
-def decode_step_seconds(model, batch: int, context: int, reps: int) -> tuple[float, str]:
-    """Seconds of one decode step (batch new tokens) after `context` cached tokens, replayed as a CUDA
-    graph where capture works, else run eagerly (the second value says which). The cache is
-    transformers' DynamicCache, whose append copies the cache once per step, as plain HF decoding does."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
-    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    prefix = [(layer.keys, layer.values) for layer in cache.layers]
-
-    def step():
-        for layer, (k, v) in zip(cache.layers, prefix):  # always append to the same `context` tokens
-            layer.keys, layer.values = k, v
-        return model(ids, past_key_values=cache, use_cache=True)
-
+def _replayed(step, reps: int) -> tuple[float, str]:
+    """Seconds of `step` replayed as a CUDA graph where capture works, else run eagerly (the second
+    value says which)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -101,6 +93,32 @@ def decode_step_seconds(model, batch: int, context: int, reps: int) -> tuple[flo
         print(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); timing eagerly")
         torch.cuda.synchronize()
         return _time(step, reps), "eager"
+
+
+@torch.no_grad()
+def decode_step_seconds(model, batch: int, context: int, reps: int, decoder=None) -> tuple[float, str]:
+    """Seconds of one decode step (batch new tokens) after `context` cached tokens. transformers:
+    its DynamicCache, whose append copies the cache once per step, as plain HF decoding does. qtool:
+    the Decoder's static cache, the step writing position `context` each replay."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    if decoder is not None:
+        decoder.resize(batch, context + 1)
+        decoder.forward(prompt, 0)
+        start = torch.tensor(context, device="cuda")
+        return _replayed(lambda: decoder.forward(ids, start), reps)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefix = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def step():
+        for layer, (k, v) in zip(cache.layers, prefix):  # always append to the same `context` tokens
+            layer.keys, layer.values = k, v
+        return model(ids, past_key_values=cache, use_cache=True)
+
+    return _replayed(step, reps)
 
 
 def packed_variant(name: str, layers: int | None, spec_name: str, device):
@@ -119,10 +137,17 @@ def packed_variant(name: str, layers: int | None, spec_name: str, device):
     return model
 
 
+RUNTIMES = ("hf", "qtool")
+
+
 def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], batches: list[int], prefill: int,
-            context: int, reps: int, out_dir: Path) -> list[dict]:
+            context: int, reps: int, out_dir: Path, runtimes: list[str] = ("qtool",)) -> list[dict]:
     if not torch.cuda.is_available():
         raise QtoolError("qtool bench e2e needs a CUDA GPU (none visible)")
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad:
+        raise QtoolError(f"unknown runtime {bad[0]!r}: use {', '.join(RUNTIMES)}")
+    from qtool.decoder import Decoder
     from qtool.eval.memory import memory_report
     from qtool.models.adapters import adapter_for
     from qtool.packed.model import packed_bytes
@@ -130,29 +155,31 @@ def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    variants = [("fp16", r) for r in RUNTIMES] + [(s, r) for s in specs for r in RUNTIMES if r in runtimes]
     for name in models:
-        for spec in ["fp16", *specs]:
+        for spec, runtime in variants:
             try:
                 model = packed_variant(name, layers.get(name), spec, "cuda")
             except QtoolError as exc:
                 print(f"{name} {spec}: skipped ({exc})")
                 continue
-            row = {"model": name, "layers": model.config.num_hidden_layers, "spec": spec,
+            row = {"model": name, "layers": model.config.num_hidden_layers, "spec": spec, "runtime": runtime,
                    "weight_bytes": torch.cuda.memory_allocated()}
             if spec != "fp16":  # packed linears' bytes against the bits-per-weight arithmetic of the spec
                 report = memory_report(model.config, adapter_for(model.config), parse_spec(spec))
                 row["bits_per_weight"] = round(8 * packed_bytes(model)["linear_bytes"] / report.linear_params, 4)
                 row["bits_per_weight_arith"] = round(report.weight_bits_per_param, 4)
             torch.cuda.reset_peak_memory_stats()
-            row["prefill_ms"] = round(prefill_seconds(model, prefill, reps) * 1e3, 3)
+            decoder = Decoder(model, 1, prefill) if runtime == "qtool" else None
+            row["prefill_ms"] = round(prefill_seconds(model, prefill, reps, decoder) * 1e3, 3)
             for b in batches:
-                seconds, how = decode_step_seconds(model, b, context, reps)
+                seconds, how = decode_step_seconds(model, b, context, reps, decoder)
                 row[f"decode_tok_s_b{b}"] = round(b / seconds, 1)
                 row["decode_timing"] = how
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
             rows.append(row)
             print(json.dumps(row))
-            del model
+            del model, decoder
             gc.collect()
             torch.cuda.empty_cache()
     _with_speedups(rows, batches)
@@ -161,14 +188,15 @@ def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], 
 
 
 def _with_speedups(rows: list[dict], batches: list[int]) -> None:
-    base = {r["model"]: r for r in rows if r["spec"] == "fp16"}
+    """Speed-ups against fp16 in the row's own runtime, and against fp16 in transformers (`_vs_hf`)."""
+    base = {(r["model"], r["runtime"]): r for r in rows if r["spec"] == "fp16"}
     for r in rows:
-        ref = base.get(r["model"])
-        if ref is None:
-            continue
-        r["prefill_speedup"] = round(ref["prefill_ms"] / r["prefill_ms"], 3)
-        for b in batches:
-            r[f"decode_speedup_b{b}"] = round(r[f"decode_tok_s_b{b}"] / ref[f"decode_tok_s_b{b}"], 3)
+        for suffix, ref in (("", base.get((r["model"], r["runtime"]))), ("_vs_hf", base.get((r["model"], "hf")))):
+            if ref is None:
+                continue
+            r[f"prefill_speedup{suffix}"] = round(ref["prefill_ms"] / r["prefill_ms"], 3)
+            for b in batches:
+                r[f"decode_speedup{suffix}_b{b}"] = round(r[f"decode_tok_s_b{b}"] / ref[f"decode_tok_s_b{b}"], 3)
 
 
 def _write(rows: list[dict], out_dir: Path) -> None:
@@ -192,7 +220,7 @@ def _write(rows: list[dict], out_dir: Path) -> None:
         cols = [k for k in sub[0] if k.startswith("decode_tok_s_b")]
         width = 0.8 / len(sub)
         for i, r in enumerate(sub):
-            ax.bar([j + i * width for j in range(len(cols))], [r[c] for c in cols], width, label=r["spec"])
+            ax.bar([j + i * width for j in range(len(cols))], [r[c] for c in cols], width, label=f"{r['spec']} ({r['runtime']})")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], [c.replace("decode_tok_s_", "") for c in cols])
         ax.set_title(f"{name} ({sub[0]['layers']} blocks)")
         ax.set_ylabel("decode tokens/s")

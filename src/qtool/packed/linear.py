@@ -25,27 +25,46 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import make_segments
+from qtool.fusion import fused
 from qtool.quant.fakequant import ActQuantizer
 from qtool.quant.quantizer import dequantize_weight, fake_quant_per_token
 from qtool.spec import QuantSpec
 
 
-def choose_layout(spec: QuantSpec) -> str:
-    """The kernel layout a spec packs into, or a one-line error when no kernel runs it."""
+LAYOUTS = ("wonly", "u8", "planes")
+
+
+def choose_layout(spec: QuantSpec, layout: str = "auto") -> str:
+    """The kernel layout a spec packs into, or a one-line error when no kernel runs it.
+
+    auto: the weight-only layout wherever it holds the weight width, also for specs that quantize
+    activations (quantized on the fly, then multiplied in 16 bits against the packed weights): on
+    the H100 it beat the integer GEMMs at every batch size we measured (bench/results/), and it
+    stores 2-bit weights in 2 bits. u8 (integer tensor cores, W <= 4) and planes (bit-plane
+    binary GEMM) run activations as integers."""
     bits = spec.w_storage_bits
+    if layout not in ("auto", *LAYOUTS):
+        raise QtoolError(f"unknown layout {layout!r}: use auto, {', '.join(LAYOUTS)}")
     if not spec.quantizes_weights:
         raise QtoolError(f"{spec.name} leaves the weights in float: pack a quantized spec, e.g. --spec W4A16-g128")
     if spec.quantizes_activations and spec.a_granularity == "tensor":
         raise QtoolError(f"{spec.name}: no kernel takes per-tensor activation ranges; pack per-token (drop -tensor) or -cluster-dynamic")
     if spec.uses_ranges and spec.a_static:
         raise QtoolError(f"{spec.name} uses static activation ranges, which no kernel supports: pack the dynamic variant ({spec.name}-dynamic)")
-    if not spec.quantizes_activations:
-        if bits not in WONLY_BITS:
+    if spec.quantizes_activations and spec.a_bits > 8:
+        raise QtoolError(f"{spec.name}: packed kernels take activations of at most 8 bits")
+    if layout == "auto":
+        layout = "wonly" if bits in WONLY_BITS else "planes" if spec.quantizes_activations else None
+        if layout is None:
             raise QtoolError(f"{spec.name}: weight-only kernels exist for {WONLY_BITS} bits, not {bits}; quantize to one of those")
-        return "wonly"
-    if spec.a_bits > 8:
-        raise QtoolError(f"{spec.name}: low-bit GEMMs take activations of at most 8 bits")
-    return "u8" if bits <= 4 else "planes"
+    if layout == "wonly" and bits not in WONLY_BITS:
+        raise QtoolError(f"{spec.name}: the weight-only layout holds {WONLY_BITS} bits, not {bits}; use --layout auto")
+    if layout in ("u8", "planes"):
+        if not spec.quantizes_activations:
+            raise QtoolError(f"{spec.name} keeps activations in 16 bits: the {layout} layout needs an activation spec (e.g. W4A8); use --layout wonly")
+        if layout == "u8" and bits > 4:
+            raise QtoolError(f"{spec.name}: the u8 layout holds weights of at most 4 bits; use --layout planes")
+    return layout
 
 
 class PackedLinear(nn.Module):
@@ -69,7 +88,15 @@ class PackedLinear(nn.Module):
             self.bias = None
         bounds = buffers.get("act_bounds")
         self.segments = None if layout == "wonly" else make_segments(in_features, group or None, bounds, layout)
+        # the stage's quantizers (host-side cluster sizes: nothing to sync in forward)
+        self._in_quant = ActQuantizer(a_bits, self._bounds(bounds, in_features)) if a_bits < 16 else None
+        kv_bounds = buffers.get("kv_bounds")
+        self._kv_quant = None if kv_bits >= 16 or kv_bounds is None else ActQuantizer(kv_bits, self._bounds(kv_bounds, out_features))
         self._dense = self._kw = None
+
+    @staticmethod
+    def _bounds(bounds, width: int) -> torch.Tensor:
+        return torch.tensor([0, width]) if bounds is None else torch.as_tensor(bounds).cpu()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -141,10 +168,32 @@ class PackedLinear(nn.Module):
         extra = 4 * self.scales.numel() if self.layout == "wonly" and dropped else 0  # the sz words
         return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n not in dropped) + extra
 
-    # -- forward ----------------------------------------------------------------------------------
-    def _act_quantizer(self, bits: int, bounds, width: int) -> ActQuantizer:
-        return ActQuantizer(bits, bounds.cpu() if bounds is not None else torch.tensor([0, width]))
+    @classmethod
+    def concat(cls, parts: list["PackedLinear"]) -> "PackedLinear | None":
+        """One weight-only linear computing the parts' outputs side by side (the parts read the
+        same input: q|k|v, gate|up), or None when they differ in layout or quantization or one
+        quantizes its output (KV). The parts' row buffers become views into the fused ones."""
+        first = parts[0]
+        same = all(p.layout == "wonly" and p.kv_bits >= 16 and
+                   (p.bits, p.group, p.in_features, p.a_bits) == (first.bits, first.group, first.in_features, first.a_bits)
+                   and p._buffers.keys() == first._buffers.keys() for p in parts)
+        bounds = [getattr(p, "act_bounds", None) for p in parts]
+        if not same or not all(b is None or torch.equal(b, bounds[0]) for b in bounds):
+            return None
+        n = sum(p.out_features for p in parts)
+        buffers = {name: (first._buffers[name] if name == "act_bounds" else torch.cat([p._buffers[name] for p in parts]))
+                   for name in first._buffers}
+        fused_linear = cls(first.layout, first.bits, first.in_features, n, first.group, buffers, first.a_bits, 16, first.head_dim)
+        start = 0
+        for p in parts:
+            for name in p._buffers:
+                if name != "act_bounds":
+                    p._buffers[name] = fused_linear._buffers[name][start:start + p.out_features]
+            p._dense = p._kw = None
+            start += p.out_features
+        return fused_linear
 
+    # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -154,16 +203,15 @@ class PackedLinear(nn.Module):
             y = self._forward_reference(x2)
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
-            kvb = getattr(self, "kv_bounds", None)
-            if kvb is not None:
-                y = self._act_quantizer(self.kv_bits, kvb, self.out_features)(y)
+            if self._kv_quant is not None:
+                y = self._kv_quant(y)
             else:
                 y = fake_quant_per_token(y, self.kv_bits, width=self.head_dim)
         return y
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_bits < 16:
-            x = self._act_quantizer(self.a_bits, getattr(self, "act_bounds", None), self.in_features)(x)
+        if self._in_quant is not None:
+            x = self._in_quant(x)
         if self._dense is None or self._dense.device != x.device:
             self._dense = self.dequantized().to(x.device)  # kept: the reference path trades memory for speed
         return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -174,6 +222,8 @@ class PackedLinear(nn.Module):
             x = x.half()  # the kernels compute on 16-bit activations
         w = self._kernel_weights()
         if self.layout == "wonly":
+            if self._in_quant is not None:
+                x = _quantize_input(x, self.a_bits, tuple(self._in_quant.sizes))
             y = kernels.w_only_gemm(x, w, self.bias)
         else:
             y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
@@ -183,3 +233,13 @@ class PackedLinear(nn.Module):
         a = f", a_bits={self.a_bits}" if self.a_bits < 16 else ""
         kv = f", kv_bits={self.kv_bits}" if self.kv_bits < 16 else ""
         return f"in={self.in_features}, out={self.out_features}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
+
+
+@fused
+def _quantize_input(x: torch.Tensor, bits: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The stage's dynamic activation quantization (per token and channel cluster, fp32 math) of a
+    16-bit input, returned in its dtype: one kernel when compiled."""
+    xf = x.float()
+    chunks = xf.split(list(sizes), -1) if len(sizes) > 1 else (xf,)
+    return torch.cat([fake_quant_per_token(c, bits) for c in chunks], -1).to(x.dtype)
+

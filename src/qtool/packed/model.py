@@ -48,10 +48,10 @@ def quantized_linears(model: nn.Module, adapter: Adapter, spec: QuantSpec, qpara
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, qparams=None, clusters=None) -> str:
-    """Replace every block linear of `model` by a PackedLinear for `spec`, in place; returns the layout.
-    `clusters` (stat prefix -> bounds, from a reorder stage) gives -cluster specs their ranges."""
-    layout = choose_layout(spec)
+def pack_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, qparams=None, clusters=None, layout: str = "auto") -> str:
+    """Replace every block linear of `model` by a PackedLinear for `spec`, in place; returns the layout
+    (`choose_layout`). `clusters` (stat prefix -> bounds, from a reorder stage) gives -cluster specs their ranges."""
+    layout = choose_layout(spec, layout)
     cluster = spec.a_granularity == "cluster"
     if cluster and clusters is None:
         raise QtoolError(f"{spec.name} needs channel clusters: pack a `qtool reorder` stage")

@@ -1,0 +1,241 @@
+"""Fast generation for LLaMA-family models (llama, mistral, qwen2), packed or float.
+
+Why: at batch 1 a 7B decode step in transformers runs ~40 kernels per block, and once the weights
+are packed those small kernels take longer than the linears. The Decoder computes the same
+function as the model's forward with few kernels per block: a static KV cache written in place,
+one fused q|k|v and one gate|up linear (the module's weights become views into the fused one, so
+nothing is held twice), the residual add + RMSNorm, the rotary embedding and SiLU-gate each
+compiled by torch.compile into one kernel on CUDA, and the one-token step replayed as a CUDA graph.
+Linears are called as modules, so PackedLinear kernels, activation and KV quantization run exactly
+as in the transformers forward (tests compare logits with it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtool.errors import QtoolError
+from qtool.fusion import fused
+from qtool.models.adapters import adapter_for
+from qtool.quant.reorder import NormGather
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@fused
+def add_rms_norm(h, residual, weight, eps: float, perm):
+    """(RMSNorm(residual + h) [gathered at perm], residual + h): transformers' RMSNorm arithmetic
+    (fp32 statistics, weight applied in the input dtype); perm is an RPTQ norm gather or None."""
+    s = h if residual is None else residual + h
+    x = s if perm is None else s.index_select(-1, perm)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(s.dtype), s
+
+
+@fused
+def rotary(q, k, cos, sin):
+    """Rotary embedding of q [B, T, H, D] and k [B, T, Hkv, D] (cos, sin [B, T, D]) as
+    transformers applies it, returned as [B, H, T, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return (q * cos + rot(q) * sin).transpose(1, 2), (k * cos + rot(k) * sin).transpose(1, 2)
+
+
+@fused
+def silu_gate(gate_up):
+    """SiLU(gate) * up of a fused gate|up output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def _plain(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
+    """One linear computing the concatenated outputs of `modules` (same input), or None when they
+    cannot fuse (hooks, different kinds or quantization). The parts keep working: their weights
+    become views into the fused module's."""
+    from qtool.packed.linear import PackedLinear
+
+    if not all(_plain(m) for m in modules):
+        return None
+    if all(type(m) is nn.Linear for m in modules):
+        weight = torch.cat([m.weight.detach() for m in modules])
+        biases = [m.bias for m in modules]
+        fused_linear = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases),
+                                 device="meta")
+        fused_linear.weight = nn.Parameter(weight, requires_grad=False)
+        if fused_linear.bias is not None:
+            fused_linear.bias = nn.Parameter(torch.cat([b.detach() if b is not None else weight.new_zeros(m.out_features)
+                                                        for m, b in zip(modules, biases)]), requires_grad=False)
+        start = 0
+        for m in modules:
+            end = start + m.out_features
+            m.weight = nn.Parameter(fused_linear.weight[start:end], requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(fused_linear.bias[start:end], requires_grad=False)
+            start = end
+        return fused_linear
+    if all(isinstance(m, PackedLinear) for m in modules):
+        return PackedLinear.concat(modules)
+    return None
+
+
+class _Norm:
+    """A block's norm: fused add + RMSNorm where it is a plain RMSNorm (with an RPTQ gather or
+    not), else residual add then the module itself."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        hooks = list(module._forward_pre_hooks.values())
+        self.perm = hooks[0].perm if len(hooks) == 1 and isinstance(hooks[0], NormGather) else None
+        self.fast = (type(module).__name__.endswith("RMSNorm") and not module._forward_hooks
+                     and (not hooks or self.perm is not None) and hasattr(module, "variance_epsilon"))
+
+    def to(self, device) -> None:
+        if self.perm is not None:
+            self.perm = self.perm.to(device)
+
+    def __call__(self, h, residual):
+        if self.fast:
+            return add_rms_norm(h, residual, self.module.weight, float(self.module.variance_epsilon), self.perm)
+        s = h if residual is None else residual + h
+        return self.module(s), s
+
+
+class _Block:
+    def __init__(self, layer: nn.Module, adapter):
+        get = layer.get_submodule
+        self.attn_norm, self.mlp_norm = _Norm(get(adapter.attn_norm)), _Norm(get(adapter.mlp_norm))
+        self.q, self.k, self.v, self.o = (get(n) for n in (adapter.q, adapter.k, adapter.v, adapter.o))
+        self.gate, self.up = (get(n) for n in adapter.mlp_in)
+        self.down = get(adapter.mlp_out)
+        self.qkv = fuse_linears([self.q, self.k, self.v])
+        self.gate_up = fuse_linears([self.gate, self.up])
+        self.scaling = get(adapter.attn).scaling
+
+    def project(self, x):
+        if self.qkv is None:
+            return self.q(x), self.k(x), self.v(x)
+        return self.qkv(x).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+
+    def mlp(self, x):
+        gate_up = self.gate_up(x) if self.gate_up is not None else torch.cat([self.gate(x), self.up(x)], dim=-1)
+        return self.down(silu_gate(gate_up))
+
+
+class Decoder:
+    """Generation with a static KV cache of `batch` x `max_len` tokens for a LLaMA-family model.
+
+    `forward(ids, start)` runs T new tokens at positions start.. (prefill or one decode step) and
+    returns the last position's logits; `generate` decodes greedily, replaying the one-token step as
+    a CUDA graph on the GPU. The model's own forward keeps working (fused weights are shared)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        config = model.config
+        adapter = adapter_for(config)
+        if adapter.family not in FAMILIES:
+            raise QtoolError(f"the Decoder runs {', '.join(FAMILIES)} models, not {adapter.family}: use model.generate()")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise QtoolError(f"the Decoder implements SiLU-gated MLPs, this model uses {config.hidden_act}: use model.generate()")
+        self.model, self.config = model, config
+        self.heads, self.kv_heads, self.head_dim = adapter.attention_shape(config)
+        self.blocks = [_Block(layer, adapter) for layer in adapter.layers(model)]
+        self.final_norm = _Norm(model.model.norm)
+        weight = model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        for norm in [self.final_norm] + [n for b in self.blocks for n in (b.attn_norm, b.mlp_norm)]:
+            norm.to(self.device)
+        self.resize(batch, max_len)
+
+    def resize(self, batch: int, max_len: int) -> None:
+        """A new (empty) cache for `batch` sequences of up to `max_len` tokens; the fused weights stay."""
+        window = getattr(self.config, "sliding_window", None) if getattr(self.config, "use_sliding_window", True) else None
+        if window is not None and max_len > window:
+            raise QtoolError(f"max_len {max_len} exceeds the sliding window ({window}) that the Decoder does not implement: use model.generate() or a shorter max_len")
+        self.k_cache = self.v_cache = self._graph = None  # free the old cache first
+        shape = (len(self.blocks), batch, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.batch, self.max_len = batch, max_len
+        self._key_pos = torch.arange(max_len, device=self.device)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> torch.Tensor:
+        """Logits [B, vocab] of the last of T new tokens `ids` [B, T] written at positions start..;
+        `start` may be a 0-d device tensor (then the step can be captured in a CUDA graph)."""
+        b, t = ids.shape
+        positions = self._key_pos[:t] + start
+        h = self.model.model.embed_tokens(ids)
+        cos, sin = self.model.model.rotary_emb(h, positions.unsqueeze(0).expand(b, t))
+        mask = self._key_pos.unsqueeze(0) <= positions.unsqueeze(1)  # [T, max_len]: causal over the cache
+        residual = None
+        for i, blk in enumerate(self.blocks):
+            x, residual = blk.attn_norm(h, residual)
+            q, k, v = blk.project(x)
+            q, k = rotary(q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim), cos, sin)
+            self.k_cache[i].index_copy_(2, positions, k)
+            self.v_cache[i].index_copy_(2, positions, v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
+            a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                           scale=blk.scaling, enable_gqa=self.heads != self.kv_heads)
+            h = blk.o(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            x, residual = blk.mlp_norm(h, residual)
+            h = blk.mlp(x)
+        x, _ = self.final_norm(h[:, -1:], residual[:, -1:])
+        return self.model.lm_head(x)[:, 0]
+
+    def step_graph(self):
+        """(graph, ids [B, 1], start 0-d tensor, logits) of a captured one-token step: set ids and
+        start in place, replay, read logits. Captured once (after warm-up runs that also compile)."""
+        if self._graph is None:
+            ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+            start = torch.zeros((), dtype=torch.long, device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.forward(ids, start)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.forward(ids, start)
+            self._graph = (graph, ids, start, logits)
+        return self._graph
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of prompts `ids` [batch, T]: returns [batch, T + new] token ids."""
+        ids = ids.to(self.device)
+        b, t = ids.shape
+        if b != self.batch:
+            raise QtoolError(f"the Decoder was built for batch {self.batch}, got {b} prompts: build one with batch={b}")
+        if t + max_new_tokens > self.max_len:
+            raise QtoolError(f"{t} prompt + {max_new_tokens} new tokens exceed max_len {self.max_len}: build the Decoder with a larger max_len")
+        out = [ids]
+        token = self.forward(ids, 0).argmax(-1, keepdim=True)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        graph = self.step_graph() if self.device.type == "cuda" else None
+        for pos in range(t, t + max_new_tokens):
+            out.append(token)
+            if eos_token_id is not None:
+                done |= token[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+            if pos + 1 == t + max_new_tokens:
+                break
+            if graph is None:
+                token = self.forward(token, pos).argmax(-1, keepdim=True)
+            else:
+                g, g_ids, g_start, logits = graph
+                g_ids.copy_(token)
+                g_start.fill_(pos)
+                g.replay()
+                token = logits.argmax(-1, keepdim=True)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,132 @@
+"""The Decoder (static cache, fused q|k|v and gate|up, compiled small ops) computes what the
+transformers forward computes: float64 logits position by position, packed models, generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.decoder import Decoder
+from qtool.errors import QtoolError
+from qtool.models.adapters import adapter_for
+from qtool.pack import PackParams, pack
+from qtool.packed.linear import PackedLinear
+from qtool.packed.model import load_packed
+
+from conftest import tiny_model
+
+
+def _stepwise(decoder, ids, prompt):
+    """Logits after each position from `prompt`-1 on: one prefill, then one token per step."""
+    out = [decoder.forward(ids[:, :prompt], 0)]
+    out += [decoder.forward(ids[:, p:p + 1], p) for p in range(prompt, ids.shape[1])]
+    return torch.stack(out, 1)
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_decoder_matches_transformers_in_float64(family):
+    model = tiny_model(family).double()
+    if family == "qwen2":  # give the fused q|k|v a real bias
+        for block in model.model.layers:
+            torch.nn.init.normal_(block.self_attn.k_proj.bias)
+    ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(0))
+    ref = _hf_logits(model, ids)
+    decoder = Decoder(model, batch=2, max_len=16)
+    assert all(b.qkv is not None and b.gate_up is not None for b in decoder.blocks)
+    torch.testing.assert_close(_stepwise(decoder, ids, 5), ref[:, 4:], rtol=0, atol=1e-12)
+    # the model's own forward still works on the shared (viewed) weights
+    torch.testing.assert_close(_hf_logits(model, ids), ref, rtol=0, atol=0)
+
+
+def test_decoder_generate_equals_transformers_greedy():
+    model = tiny_model("llama").double()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(Decoder(model, batch=2, max_len=14).generate(ids, 8), want)
+
+
+@pytest.mark.parametrize("spec,fused", [("W4A16-g32", True), ("W4A8-g32", True), ("W4A4KV4", False), ("W6A8", False)])
+def test_decoder_runs_packed_models_like_their_forward(tiny_dir, tmp_path, spec, fused):
+    """Packed linears (weight-only with and without quantized activations; KV-quantized K/V outputs,
+    which cannot fuse; bit-planes, which do not) give the transformers forward's logits."""
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+    model = load_packed(tmp_path / "p", dtype=torch.float64)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = _hf_logits(model, ids)
+    decoder = Decoder(model, batch=1, max_len=12)
+    assert all((b.qkv is not None) == fused for b in decoder.blocks)
+    if fused:
+        assert isinstance(decoder.blocks[0].qkv, PackedLinear) and decoder.blocks[0].qkv.out_features == 64 + 2 * 32
+    torch.testing.assert_close(_stepwise(decoder, ids, 4), ref[:, 3:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(_hf_logits(model, ids), ref, rtol=0, atol=0)
+
+
+def test_packed_concat_is_the_parts_side_by_side(tiny_dir, tmp_path):
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W3A16-g32"))
+    attn = load_packed(tmp_path / "p").model.layers[0].self_attn
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    dense = torch.cat([p.dequantized() for p in parts])
+    fused = PackedLinear.concat(parts)
+    assert torch.equal(fused.dequantized(), dense)
+    assert torch.equal(torch.cat([p.dequantized() for p in parts]), dense)  # parts unchanged, now views
+    assert fused.qweight.data_ptr() == attn.q_proj.qweight.data_ptr()
+
+
+def test_decoder_refuses_what_it_does_not_implement():
+    with pytest.raises(QtoolError, match="opt"):
+        Decoder(tiny_model("opt"), batch=1, max_len=8)
+    with pytest.raises(QtoolError, match="sliding window"):
+        Decoder(tiny_model("mistral"), batch=1, max_len=32)
+    decoder = Decoder(tiny_model("llama"), batch=2, max_len=8)
+    with pytest.raises(QtoolError, match="batch 2"):
+        decoder.generate(torch.zeros(1, 4, dtype=torch.long), 2)
+    with pytest.raises(QtoolError, match="max_len 8"):
+        decoder.generate(torch.zeros(2, 4, dtype=torch.long), 5)
+
+
+def test_decoder_keeps_hooked_linears_separate():
+    """A linear with hooks (a fake-quantized stage's activation quantizer) is called as a module."""
+    from qtool.quant.fakequant import apply_spec
+    from qtool.spec import parse_spec
+
+    model = tiny_model("llama").double()
+    apply_spec(model, adapter_for(model.config), parse_spec("W4A8KV4"))
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    ref = _hf_logits(model, ids)
+    decoder = Decoder(model, batch=1, max_len=10)
+    assert all(b.qkv is None and b.gate_up is None for b in decoder.blocks)
+    torch.testing.assert_close(_stepwise(decoder, ids, 3), ref[:, 2:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("spec", [None, "W4A16-g32", "W2A8", "W4A4KV4"])
+def test_decoder_on_the_gpu_matches_the_transformers_forward(tiny_dir, tmp_path, spec):
+    """fp16 on the GPU (compiled small ops, kernels, CUDA-graph generate) against the same model's
+    transformers forward on the GPU, and the graph-replayed generate against step-by-step forward."""
+    if spec is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float16).cuda().eval()
+    else:
+        pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+        model = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4)).cuda()
+    ref = _hf_logits(model, ids).double()
+    decoder = Decoder(model, batch=2, max_len=24)
+    got = _stepwise(decoder, ids, 6).double()
+    err = (got - ref[:, 5:]).norm() / ref[:, 5:].norm()
+    assert err.item() < (1e-2 if spec is None or "A16" in spec else 5e-2)
+    tokens = decoder.generate(ids[:, :6], 8)
+    again = [ids[:, :6]]
+    logits = decoder.forward(ids[:, :6], 0)
+    for p in range(6, 14):
+        again.append(logits.argmax(-1, keepdim=True))
+        logits = decoder.forward(again[-1], p)
+    assert torch.equal(tokens, torch.cat(again, 1))
