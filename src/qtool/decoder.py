@@ -2,12 +2,13 @@
 
 Why: at batch 1 a 7B decode step in transformers runs ~40 kernels per block, and once the weights
 are packed those small kernels take longer than the linears. The Decoder computes the same
-function as the model's forward with few kernels per block: a static KV cache written in place,
-one fused q|k|v and one gate|up linear (the module's weights become views into the fused one, so
-nothing is held twice), the residual add + RMSNorm, the rotary embedding and SiLU-gate each
-compiled by torch.compile into one kernel on CUDA, and the one-token step replayed as a CUDA graph.
-Linears are called as modules, so PackedLinear kernels, activation and KV quantization run exactly
-as in the transformers forward (tests compare logits with it).
+function as the model's forward with ~10 kernels per block: a static KV cache written in place,
+one fused q|k|v and one gate|up linear (the modules' weights become views into the fused one, so
+nothing is held twice); the residual add + RMSNorm, the rotary embedding + cache store, and the
+SiLU gate each compiled by torch.compile into one kernel on CUDA, the first and last also applying
+the next linear's activation quantization; the one-token step replayed as a CUDA graph. Linears
+are called as modules, so PackedLinear kernels and KV quantization run as in the transformers
+forward (tests compare logits with it).
 """
 
 from __future__ import annotations
@@ -18,40 +19,57 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.fusion import fused
 from qtool.models.adapters import adapter_for
+from qtool.packed.linear import PackedLinear, quantize_input
 from qtool.quant.reorder import NormGather
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
+def _quantized(x, quant):
+    """x through the consumer linear's input quantization (`PackedLinear.input_quantization`)."""
+    return x if quant is None else quantize_input(x, *quant)
+
+
 @fused
-def add_rms_norm(h, residual, weight, eps: float, perm):
-    """(RMSNorm(residual + h) [gathered at perm], residual + h): transformers' RMSNorm arithmetic
-    (fp32 statistics, weight applied in the input dtype); perm is an RPTQ norm gather or None."""
+def add_rms_norm(h, residual, weight, eps: float, perm, quant):
+    """(RMSNorm(residual + h) [gathered at perm, quantized for its consumer], residual + h), in
+    transformers' RMSNorm arithmetic (fp32 statistics, weight applied in the input dtype); perm is
+    an RPTQ norm gather or None."""
     s = h if residual is None else residual + h
     x = s if perm is None else s.index_select(-1, perm)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(s.dtype), s
+    return _quantized(weight * xf.to(s.dtype), quant), s
 
 
 @fused
-def rotary(q, k, cos, sin):
-    """Rotary embedding of q [B, T, H, D] and k [B, T, Hkv, D] (cos, sin [B, T, D]) as
-    transformers applies it, returned as [B, H, T, D]."""
+def rotary_store(q, k, v, cos, sin, k_cache, v_cache, positions):
+    """Rotary embedding of q [B, T, H, D] and k [B, T, Hkv, D] (cos, sin [B, T, D]) as transformers
+    applies it; k and v written into the caches [B, Hkv, L, D] at `positions`; returns q [B, H, T, D]."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
 
     def rot(x):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    return (q * cos + rot(q) * sin).transpose(1, 2), (k * cos + rot(k) * sin).transpose(1, 2)
+    k_cache.index_copy_(2, positions, (k * cos + rot(k) * sin).transpose(1, 2))
+    v_cache.index_copy_(2, positions, v.transpose(1, 2))
+    return (q * cos + rot(q) * sin).transpose(1, 2)
 
 
 @fused
-def silu_gate(gate_up):
-    """SiLU(gate) * up of a fused gate|up output."""
+def silu_gate(gate_up, quant):
+    """SiLU(gate) * up of a fused gate|up output, quantized for the down projection."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
+    return _quantized(nn.functional.silu(gate) * up, quant)
+
+
+def _input_quantization(linear: nn.Module):
+    return linear.input_quantization() if isinstance(linear, PackedLinear) else None
+
+
+def _call(linear: nn.Module, x, quant):
+    return linear(x, input_quantized=True) if quant is not None else linear(x)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -62,8 +80,6 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
     """One linear computing the concatenated outputs of `modules` (same input), or None when they
     cannot fuse (hooks, different kinds or quantization). The parts keep working: their weights
     become views into the fused module's."""
-    from qtool.packed.linear import PackedLinear
-
     if not all(_plain(m) for m in modules):
         return None
     if all(type(m) is nn.Linear for m in modules):
@@ -89,15 +105,16 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
 
 
 class _Norm:
-    """A block's norm: fused add + RMSNorm where it is a plain RMSNorm (with an RPTQ gather or
-    not), else residual add then the module itself."""
+    """A block's norm: fused add + RMSNorm (+ its consumer's input quantization) where it is a plain
+    RMSNorm (with an RPTQ gather or not), else residual add then the module itself."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, consumer: nn.Module | None = None):
         self.module = module
         hooks = list(module._forward_pre_hooks.values())
         self.perm = hooks[0].perm if len(hooks) == 1 and isinstance(hooks[0], NormGather) else None
         self.fast = (type(module).__name__.endswith("RMSNorm") and not module._forward_hooks
                      and (not hooks or self.perm is not None) and hasattr(module, "variance_epsilon"))
+        self.quant = _input_quantization(consumer) if self.fast and consumer is not None else None
 
     def to(self, device) -> None:
         if self.perm is not None:
@@ -105,7 +122,7 @@ class _Norm:
 
     def __call__(self, h, residual):
         if self.fast:
-            return add_rms_norm(h, residual, self.module.weight, float(self.module.variance_epsilon), self.perm)
+            return add_rms_norm(h, residual, self.module.weight, float(self.module.variance_epsilon), self.perm, self.quant)
         s = h if residual is None else residual + h
         return self.module(s), s
 
@@ -113,22 +130,25 @@ class _Norm:
 class _Block:
     def __init__(self, layer: nn.Module, adapter):
         get = layer.get_submodule
-        self.attn_norm, self.mlp_norm = _Norm(get(adapter.attn_norm)), _Norm(get(adapter.mlp_norm))
         self.q, self.k, self.v, self.o = (get(n) for n in (adapter.q, adapter.k, adapter.v, adapter.o))
         self.gate, self.up = (get(n) for n in adapter.mlp_in)
         self.down = get(adapter.mlp_out)
         self.qkv = fuse_linears([self.q, self.k, self.v])
         self.gate_up = fuse_linears([self.gate, self.up])
+        self.attn_norm = _Norm(get(adapter.attn_norm), self.qkv)
+        self.mlp_norm = _Norm(get(adapter.mlp_norm), self.gate_up)
+        self.down_quant = _input_quantization(self.down) if self.gate_up is not None else None
         self.scaling = get(adapter.attn).scaling
 
     def project(self, x):
         if self.qkv is None:
             return self.q(x), self.k(x), self.v(x)
-        return self.qkv(x).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+        return _call(self.qkv, x, self.attn_norm.quant).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
 
     def mlp(self, x):
-        gate_up = self.gate_up(x) if self.gate_up is not None else torch.cat([self.gate(x), self.up(x)], dim=-1)
-        return self.down(silu_gate(gate_up))
+        if self.gate_up is None:
+            return self.down(silu_gate(torch.cat([self.gate(x), self.up(x)], dim=-1), None))
+        return _call(self.down, silu_gate(_call(self.gate_up, x, self.mlp_norm.quant), self.down_quant), self.down_quant)
 
 
 class Decoder:
@@ -180,9 +200,9 @@ class Decoder:
         for i, blk in enumerate(self.blocks):
             x, residual = blk.attn_norm(h, residual)
             q, k, v = blk.project(x)
-            q, k = rotary(q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim), cos, sin)
-            self.k_cache[i].index_copy_(2, positions, k)
-            self.v_cache[i].index_copy_(2, positions, v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
+            kv_shape = (b, t, self.kv_heads, self.head_dim)
+            q = rotary_store(q.view(b, t, self.heads, self.head_dim), k.view(kv_shape), v.view(kv_shape), cos, sin,
+                             self.k_cache[i], self.v_cache[i], positions)
             a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
                                                            scale=blk.scaling, enable_gqa=self.heads != self.kv_heads)
             h = blk.o(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -89,7 +89,7 @@ class PackedLinear(nn.Module):
         bounds = buffers.get("act_bounds")
         self.segments = None if layout == "wonly" else make_segments(in_features, group or None, bounds, layout)
         # the stage's quantizers (host-side cluster sizes: nothing to sync in forward)
-        self._in_quant = ActQuantizer(a_bits, self._bounds(bounds, in_features)) if a_bits < 16 else None
+        self._in_sizes = tuple(torch.diff(self._bounds(bounds, in_features)).tolist())
         kv_bounds = buffers.get("kv_bounds")
         self._kv_quant = None if kv_bits >= 16 or kv_bounds is None else ActQuantizer(kv_bits, self._bounds(kv_bounds, out_features))
         self._dense = self._kw = None
@@ -194,13 +194,19 @@ class PackedLinear(nn.Module):
         return fused_linear
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quantization(self) -> tuple[int, tuple[int, ...]] | None:
+        """(bits, channel cluster sizes) of the input quantization a caller may apply itself (fused
+        into the op producing x, then forward(x, input_quantized=True)); None where there is none
+        or where the kernel quantizes to integers itself (u8, planes)."""
+        return (self.a_bits, self._in_sizes) if self.a_bits < 16 and self.layout == "wonly" else None
+
+    def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.is_cuda and kernels.cuda_runtime.cupy_available():
-            y = self._forward_kernel(x2)
-        else:
-            y = self._forward_reference(x2)
+        kernel = x.is_cuda and kernels.cuda_runtime.cupy_available()
+        if self.a_bits < 16 and not input_quantized and not (kernel and self.layout != "wonly"):
+            x2 = _quantize(x2, self.a_bits, self._in_sizes)  # (the u8 / bit-plane kernels quantize to integers)
+        y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
             if self._kv_quant is not None:
@@ -210,8 +216,6 @@ class PackedLinear(nn.Module):
         return y
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self._in_quant is not None:
-            x = self._in_quant(x)
         if self._dense is None or self._dense.device != x.device:
             self._dense = self.dequantized().to(x.device)  # kept: the reference path trades memory for speed
         return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -222,8 +226,6 @@ class PackedLinear(nn.Module):
             x = x.half()  # the kernels compute on 16-bit activations
         w = self._kernel_weights()
         if self.layout == "wonly":
-            if self._in_quant is not None:
-                x = _quantize_input(x, self.a_bits, tuple(self._in_quant.sizes))
             y = kernels.w_only_gemm(x, w, self.bias)
         else:
             y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
@@ -235,11 +237,12 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
 
 
-@fused
-def _quantize_input(x: torch.Tensor, bits: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """The stage's dynamic activation quantization (per token and channel cluster, fp32 math) of a
-    16-bit input, returned in its dtype: one kernel when compiled."""
+def quantize_input(x: torch.Tensor, bits: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The stage's dynamic activation quantization (ActQuantizer: per token and channel cluster of
+    `sizes`, fp32 math), returned in x's dtype. Plain torch, so callers can fuse it (`fused`)."""
     xf = x.float()
     chunks = xf.split(list(sizes), -1) if len(sizes) > 1 else (xf,)
     return torch.cat([fake_quant_per_token(c, bits) for c in chunks], -1).to(x.dtype)
 
+
+_quantize = fused(quantize_input)
