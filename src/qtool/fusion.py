@@ -11,6 +11,8 @@ import os
 
 import torch
 
+RECOMPILE_LIMIT = 64
+
 
 @functools.cache
 def _compiler_ready() -> bool:
@@ -34,6 +36,9 @@ def fused(fn):
         if not (args[0].is_cuda and _compiler_ready()):
             return fn(*args)
         if compiled is None:
+            # each fused function specializes on batch/length 1 vs more, a missing residual and its
+            # quantizer's constants: more variants than dynamo's default limit of 8 allows
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             compiled = torch.compile(fn, fullgraph=True)
         return compiled(*args)
 
