@@ -114,7 +114,8 @@ def test_pack_reports_true_bits_per_weight(tiny_dir, tmp_path):
     padded = 3 * (2 * 64 * 128 + 2 * 32 * 128 + 2 * 96 * 128 + 64 * 128)
     groups = n_params // 32
     assert result["linear_bytes"] == padded // 2 + 5 * groups
-    assert result["bits_per_weight_gpu"] == pytest.approx(8 * (padded // 2 + 4 * groups) / n_params)
+    # on the GPU: fp16 scale + u8 zero per group
+    assert result["bits_per_weight_gpu"] == pytest.approx(8 * (padded // 2 + 3 * groups) / n_params)
     manifest = open_stage(tmp_path / "p").manifest
     assert manifest["stage"] == "pack" and manifest["spec"] == "W4A16-g32"
     assert not list((tmp_path / "p").glob("qtool-*.safetensors"))  # float weights and stage tensors left behind

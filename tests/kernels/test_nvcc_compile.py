@@ -44,7 +44,7 @@ def test_simt_gemv_does_not_spill(tmp_path):
     bounds cap them at 128 registers for 2 blocks of 256 threads per SM)."""
     names = _simt_instantiations()
     src = SOURCES[0].parent / "wonly_gemv.cu"
-    args = "(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int, int)"
+    args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int)"
     jobs = max(1, min(len(names), os.cpu_count() or 1))
 
     def compile_part(i):
