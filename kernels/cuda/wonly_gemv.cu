@@ -52,7 +52,7 @@ __device__ __forceinline__ u32 sz_word(u32 scale_bits, u32 zero) { return scale_
 __device__ __forceinline__ u32 ld_sz(const u16* scales, const u8* zeros, size_t i) { return sz_word(__ldg(scales + i), __ldg(zeros + i)); }
 // A group's scale and zero as loaded into registers ahead of use (ld_sz_if); the word is built where it
 // is used: built at the load, it waited for the load in the loop iteration that issued it (ptxas keeps
-// it before the loop's back edge), which stalled the GEMVs on the stage they had just issued.
+// it before the loop's back edge), which stalled the SIMT GEMV on the stage it had just issued.
 struct Sz {
   u32 s, z;  // fp16 scale bits, zero (zero-extended)
   __device__ __forceinline__ u32 word() const { return sz_word(s, z); }
@@ -109,14 +109,19 @@ template <int B> struct Fmt { static const int C = 32 / B; };   // codes per dat
 template <> struct Fmt<3> { static const int C = 16; };          // W3: 2-bit lo words + 1-bit hi words
 const int GEMV_WARPS = 4, GEMV_UNROLL = 4;
 
-// One pipeline stage of a warp: U k-blocks x NT row tiles of packed weights (+ W3 hi words) and the
-// scales and zeros of the <= 2 groups each lane's span meets. Volatile loads keep their program order
-// against the (volatile) mma, so a prefetched stage is in flight while the previous one is computed.
+// One pipeline stage of a warp: U k-blocks x NT row tiles of packed weights (+ W3 hi words). Volatile
+// loads keep their program order against the (volatile) mma, so a prefetched stage is in flight while
+// the previous one is computed. The scales and zeros of the <= 2 groups each lane's span meets are
+// prefetched into L1 with the stage and loaded where used (like x): held in registers, a group takes two
+// (scale, zero), and the M16 instantiations spilled them right after their loads (waiting on them).
 template <int B, int NT> struct Stage {
   uint4 w[GEMV_UNROLL][NT];
   uint2 h[GEMV_UNROLL][NT];
-  Sz s0[GEMV_UNROLL][NT], s1[GEMV_UNROLL][NT];
 };
+__device__ __forceinline__ void prefetch_sz_if(const u16* scales, const u8* zeros, size_t i, bool ok) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0;\n @p prefetch.global.L1 [%0];\n @p prefetch.global.L1 [%1]; }"
+               :: "l"(scales + i), "l"(zeros + i), "r"((int)ok));
+}
 __device__ __forceinline__ uint4 ld_stream_if(const u32* p, bool ok) {
   uint4 v = make_uint4(0, 0, 0, 0);
   asm volatile("{ .reg .pred p; setp.ne.b32 p, %5, 0;\n @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4]; }"
@@ -144,9 +149,9 @@ __device__ __forceinline__ Sz ld_sz_if(const u16* scales, const u8* zeros, size_
 // A takes the same permutation, so the dot product is unchanged). The A fragment is x rows gid and
 // gid + 8 (M16) at the same codes, read through L1; absent rows are zero registers, not loads.
 // Each 16-byte weight load feeds NT * 4C/16 mma for all M rows at once: M = 16 costs ~ M = 1.
-// Software pipeline: stage i+1 (U k-blocks of weights and scales, 2 KB per warp) is issued before
-// stage i is dequantized, so each warp always has U 16-byte loads in flight (Little's law: ~23 KB
-// per SM at 3 TB/s x ~1 us; 16 warps/SM x 2 KB = 32 KB).
+// Software pipeline: stage i+1 (U k-blocks of weights, 2 KB per warp, with an L1 prefetch of their
+// scales and zeros) is issued before stage i is dequantized, so each warp always has U 16-byte loads
+// in flight (Little's law: ~23 KB per SM at 3 TB/s x ~1 us; 16 warps/SM x 2 KB = 32 KB).
 template <int B, int NT, bool M16, class T>
 __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
     const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
@@ -183,8 +188,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
         const bool ok = rok[t] && c < nblk;
         st.w[u][t] = ld_stream_if(wq + (size_t)rows[t] * row_words + c * 16 + tig * 4, ok);
         if (B == 3) st.h[u][t] = ld_v2_if(whi + (size_t)rows[t] * (row_words >> 1) + c * 8 + tig * 2, ok);
-        st.s0[u][t] = ld_sz_if(scales, zeros, (size_t)rows[t] * G + g0, ok);
-        if (SPAN > 32) st.s1[u][t] = ld_sz_if(scales, zeros, (size_t)rows[t] * G + g1, ok && g1 != g0);  // else g1 == g0
+        prefetch_sz_if(scales, zeros, (size_t)rows[t] * G + g0, ok);
+        if (SPAN > 32) prefetch_sz_if(scales, zeros, (size_t)rows[t] * G + g1, ok && g1 != g0);  // else g1 == g0
       }
     }
   };
@@ -199,7 +204,13 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
       const int c = c0 + u * GEMV_WARPS;
       if (c >= nblk) break;
       const int kspan = c * 4 * SPAN + tig * SPAN;
-      const int g0 = min(kspan >> gshift, G - 1);
+      const int g0 = min(kspan >> gshift, G - 1), g1 = min((kspan + SPAN - 1) >> gshift, G - 1);
+      u32 sz0[NT], sz1[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        sz0[t] = ld_sz(scales, zeros, (size_t)rows[t] * G + g0);
+        sz1[t] = SPAN > 32 ? ld_sz(scales, zeros, (size_t)rows[t] * G + g1) : sz0[t];
+      }
 #pragma unroll
       for (int wi = 0; wi < 4; ++wi) {
         const int k0 = kspan + wi * C;
@@ -210,7 +221,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
         const bool first = min(k0 >> gshift, G - 1) == g0;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          const Deq<T> dq((SPAN <= 32 || first ? cur.s0[u][t] : cur.s1[u][t]).word());
+          const Deq<T> dq(SPAN <= 32 || first ? sz0[t] : sz1[t]);
           const u32 word = (&cur.w[u][t].x)[wi];
 #pragma unroll
           for (int st = 0; st < C / 4; ++st) {

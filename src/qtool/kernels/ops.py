@@ -245,12 +245,17 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
                rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk)), shared_mem=smem)
 
 
+def mma_plan(bits: int, m: int) -> tuple[int, bool]:
+    """(NT n-tiles per block, M16) for wonly_gemv at M rows. M16: rows gid + 8 in use; W4/W8 let two
+    n-tiles share x loads in 128 registers, W2/W3 would spill."""
+    return (1, False) if m <= 8 else ((2, True) if bits in (4, 8) else (1, True))
+
+
 def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     m = x.shape[0]
-    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
-    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
+    nt, m16 = mma_plan(w.bits, m)
     wptrs, gshift = _wonly_args(w)
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {rt.type_tag(x.dtype)}>")
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {str(m16).lower()}, {rt.type_tag(x.dtype)}>")
     rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
               (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
                rt.i32(w.scales.shape[1]), rt.i32(gshift)))
