@@ -25,7 +25,7 @@ import torch
 
 from qtool.bench.kernels import L2_BYTES, copy_bandwidth, time_us
 from qtool.kernels import ops
-from qtool.kernels.packing import WOnlyWeights, pack_scale_zero, wonly_row_words
+from qtool.kernels.packing import WOnlyWeights, wonly_row_words
 
 SHAPES = [(4096, 11008), (8192, 8192), (28672, 8192), (11008, 4096)]
 MS = (1, 4, 16)
@@ -46,9 +46,9 @@ def random_wonly(n: int, k: int, bits: int, group: int) -> WOnlyWeights:
     def words(cols):
         return torch.randint(-(2**31), 2**31 - 1, (n, cols), dtype=torch.int32, device="cuda")
 
-    scales = torch.rand(n, g, device="cuda") * 0.01 + 0.001
-    zeros = torch.randint(0, 2**bits, (n, g), device="cuda")
-    return WOnlyWeights(bits, n, k, group, words(rw), words(rw // 2) if bits == 3 else None, pack_scale_zero(scales, zeros))
+    scales = (torch.rand(n, g, device="cuda") * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 2**bits, (n, g), dtype=torch.uint8, device="cuda")
+    return WOnlyWeights(bits, n, k, group, words(rw), words(rw // 2) if bits == 3 else None, scales, zeros)
 
 
 def main() -> None:

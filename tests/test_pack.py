@@ -14,7 +14,7 @@ from qtool.errors import QtoolError
 from qtool.eval.run import EvalParams, evaluate
 from qtool.models.adapters import adapter_for
 from qtool.pack import PackParams, pack
-from qtool.packed.linear import PackedLinear
+from qtool.packed.linear import PackedLinear, choose_layout
 from qtool.packed.model import load_packed
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.quantizer import dequantize_weight, quantize_weight
@@ -117,11 +117,27 @@ def test_pack_reports_true_bits_per_weight(tiny_dir, tmp_path):
     padded = 3 * (2 * 64 * 128 + 2 * 32 * 128 + 2 * 96 * 128 + 64 * 128)
     groups = n_params // 32
     assert result["linear_bytes"] == padded // 2 + 5 * groups
-    assert result["bits_per_weight_gpu"] == pytest.approx(8 * (padded // 2 + 4 * groups) / n_params)
+    # on the GPU: fp16 scale + u8 zero per group
+    assert result["bits_per_weight_gpu"] == pytest.approx(8 * (padded // 2 + 3 * groups) / n_params)
     manifest = open_stage(tmp_path / "p").manifest
     assert manifest["stage"] == "pack" and manifest["spec"] == "W4A16-g32"
     assert not list((tmp_path / "p").glob("qtool-*.safetensors"))  # float weights and stage tensors left behind
     assert json.loads((tiny_dir / "config.json").read_text()).get("quantization_config") is None  # parent untouched
+
+
+@pytest.mark.parametrize("spec,gpu_bits", [("W2A16-g64", 2.375), ("W4A16-g128", 4.1875), ("W3A16", None), ("W4A4", None)])
+def test_kernel_form_holds_kernel_nbytes(spec, gpu_bits):
+    """to_kernel_form keeps exactly the bytes kernel_nbytes counts (bits_per_weight_gpu), and the
+    packed codes read back the same from the kernel form."""
+    s = parse_spec(spec)
+    codes, scale, zero = quantize_weight(torch.randn(48, 512, generator=torch.Generator().manual_seed(0)), s)
+    linear = PackedLinear.from_codes(codes, scale, zero, s, choose_layout(s))
+    expected = linear.kernel_nbytes
+    linear.to_kernel_form()
+    assert linear.nbytes == expected == linear.kernel_nbytes
+    assert torch.equal(linear.codes(), codes.long())
+    if gpu_bits is not None:  # weight-only, K = 512 a whole number of GEMV k-blocks: bits + 24 / group
+        assert 8 * expected / codes.numel() == gpu_bits
 
 
 def test_bad_inputs(tiny_dir, tmp_path):

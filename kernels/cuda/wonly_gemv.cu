@@ -3,6 +3,7 @@
 // No CUDA headers are included so NVRTC (CuPy) and nvcc both compile this file as is.
 typedef unsigned int u32;
 typedef unsigned short u16;
+typedef unsigned char u8;
 
 struct F16 {};
 struct BF16 {};
@@ -44,7 +45,20 @@ __device__ __forceinline__ u32 pair_codes3(u32 lo, u32 hi, int j, int hj) {
   return lop_and_or(hs, 0x00040004u, pair_codes<2>(lo, j));
 }
 
-// B-operand pairs (q - z) * s in the activation type, from half2(1024 + q) codes. One word's
+// Scales and zeros are stored as fp16 scales [N, G] and uint8 zeros [N, G] (3 bytes per group); the
+// dequantizers take a group as one word sz = fp16 scale bits | fp16(1024 + zero) bits << 16, built on
+// load: fp16(1024 + z) is 0x6400 | z for an integer 0 <= z < 1024 (ulp 1 in [1024, 2048)), so it is exact.
+__device__ __forceinline__ u32 sz_word(u32 scale_bits, u32 zero) { return scale_bits | ((0x6400u | zero) << 16); }
+__device__ __forceinline__ u32 ld_sz(const u16* scales, const u8* zeros, size_t i) { return sz_word(__ldg(scales + i), __ldg(zeros + i)); }
+// A group's scale and zero as loaded into registers ahead of use (ld_sz_if); the word is built where it
+// is used: built at the load, it waited for the load in the loop iteration that issued it (ptxas keeps
+// it before the loop's back edge), which stalled the SIMT GEMV on the stage it had just issued.
+struct Sz {
+  u32 s, z;  // fp16 scale bits, zero (zero-extended)
+  __device__ __forceinline__ u32 word() const { return sz_word(s, z); }
+};
+
+// B-operand pairs (q - z) * s in the activation type, from half2(1024 + q) codes. One group's
 // constants are set once (`Deq d(sz)`), then 2 (fp16: HSUB2, HMUL2) or 5 (bf16) instructions per pair.
 template <class T> struct Deq;
 template <> struct Deq<F16> {
@@ -95,14 +109,19 @@ template <int B> struct Fmt { static const int C = 32 / B; };   // codes per dat
 template <> struct Fmt<3> { static const int C = 16; };          // W3: 2-bit lo words + 1-bit hi words
 const int GEMV_WARPS = 4, GEMV_UNROLL = 4;
 
-// One pipeline stage of a warp: U k-blocks x NT row tiles of packed weights (+ W3 hi words) and the
-// raw sz words of the <= 2 groups each lane's span meets. Volatile loads keep their program order
-// against the (volatile) mma, so a prefetched stage is in flight while the previous one is computed.
+// One pipeline stage of a warp: U k-blocks x NT row tiles of packed weights (+ W3 hi words). Volatile
+// loads keep their program order against the (volatile) mma, so a prefetched stage is in flight while
+// the previous one is computed. The scales and zeros of the <= 2 groups each lane's span meets are
+// prefetched into L1 with the stage and loaded where used (like x): held in registers, a group takes two
+// (scale, zero), and the M16 instantiations spilled them right after their loads (waiting on them).
 template <int B, int NT> struct Stage {
   uint4 w[GEMV_UNROLL][NT];
   uint2 h[GEMV_UNROLL][NT];
-  u32 s0[GEMV_UNROLL][NT], s1[GEMV_UNROLL][NT];
 };
+__device__ __forceinline__ void prefetch_sz_if(const u16* scales, const u8* zeros, size_t i, bool ok) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0;\n @p prefetch.global.L1 [%0];\n @p prefetch.global.L1 [%1]; }"
+               :: "l"(scales + i), "l"(zeros + i), "r"((int)ok));
+}
 __device__ __forceinline__ uint4 ld_stream_if(const u32* p, bool ok) {
   uint4 v = make_uint4(0, 0, 0, 0);
   asm volatile("{ .reg .pred p; setp.ne.b32 p, %5, 0;\n @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4]; }"
@@ -114,9 +133,11 @@ __device__ __forceinline__ uint2 ld_v2_if(const u32* p, bool ok) {
   asm volatile("{ .reg .pred p; setp.ne.b32 p, %3, 0;\n @p ld.global.nc.v2.u32 {%0, %1}, [%2]; }" : "+r"(v.x), "+r"(v.y) : "l"(p), "r"((int)ok));
   return v;
 }
-__device__ __forceinline__ u32 ld_u32_if(const u32* p, bool ok) {
-  u32 v = 0;
-  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0;\n @p ld.global.nc.u32 %0, [%1]; }" : "+r"(v) : "l"(p), "r"((int)ok));
+// Scale and zero of group i (2 + 1 byte loads); both 0 when !ok (word 0x64000000: scale 0).
+__device__ __forceinline__ Sz ld_sz_if(const u16* scales, const u8* zeros, size_t i, bool ok) {
+  Sz v = {0, 0};
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %4, 0;\n @p ld.global.nc.u16 %0, [%2];\n @p ld.global.nc.u8 %1, [%3]; }"
+               : "+r"(v.s), "+r"(v.z) : "l"(scales + i), "l"(zeros + i), "r"((int)ok));
   return v;
 }
 
@@ -128,12 +149,12 @@ __device__ __forceinline__ u32 ld_u32_if(const u32* p, bool ok) {
 // A takes the same permutation, so the dot product is unchanged). The A fragment is x rows gid and
 // gid + 8 (M16) at the same codes, read through L1; absent rows are zero registers, not loads.
 // Each 16-byte weight load feeds NT * 4C/16 mma for all M rows at once: M = 16 costs ~ M = 1.
-// Software pipeline: stage i+1 (U k-blocks of weights and scales, 2 KB per warp) is issued before
-// stage i is dequantized, so each warp always has U 16-byte loads in flight (Little's law: ~23 KB
-// per SM at 3 TB/s x ~1 us; 16 warps/SM x 2 KB = 32 KB).
+// Software pipeline: stage i+1 (U k-blocks of weights, 2 KB per warp, with an L1 prefetch of their
+// scales and zeros) is issued before stage i is dequantized, so each warp always has U 16-byte loads
+// in flight (Little's law: ~23 KB per SM at 3 TB/s x ~1 us; 16 warps/SM x 2 KB = 32 KB).
 template <int B, int NT, bool M16, class T>
 __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
-    const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
+    const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
     const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
     int M, int N, int K, int row_words, int G, int gshift) {
   const int C = Fmt<B>::C, SPAN = 4 * C, U = GEMV_UNROLL, STEP = GEMV_WARPS * U;
@@ -167,8 +188,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
         const bool ok = rok[t] && c < nblk;
         st.w[u][t] = ld_stream_if(wq + (size_t)rows[t] * row_words + c * 16 + tig * 4, ok);
         if (B == 3) st.h[u][t] = ld_v2_if(whi + (size_t)rows[t] * (row_words >> 1) + c * 8 + tig * 2, ok);
-        st.s0[u][t] = ld_u32_if(sz + (size_t)rows[t] * G + g0, ok);
-        if (SPAN > 32) st.s1[u][t] = ld_u32_if(sz + (size_t)rows[t] * G + g1, ok && g1 != g0);  // else g1 == g0
+        prefetch_sz_if(scales, zeros, (size_t)rows[t] * G + g0, ok);
+        if (SPAN > 32) prefetch_sz_if(scales, zeros, (size_t)rows[t] * G + g1, ok && g1 != g0);  // else g1 == g0
       }
     }
   };
@@ -183,7 +204,13 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
       const int c = c0 + u * GEMV_WARPS;
       if (c >= nblk) break;
       const int kspan = c * 4 * SPAN + tig * SPAN;
-      const int g0 = min(kspan >> gshift, G - 1);
+      const int g0 = min(kspan >> gshift, G - 1), g1 = min((kspan + SPAN - 1) >> gshift, G - 1);
+      u32 sz0[NT], sz1[NT];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        sz0[t] = ld_sz(scales, zeros, (size_t)rows[t] * G + g0);
+        sz1[t] = SPAN > 32 ? ld_sz(scales, zeros, (size_t)rows[t] * G + g1) : sz0[t];
+      }
 #pragma unroll
       for (int wi = 0; wi < 4; ++wi) {
         const int k0 = kspan + wi * C;
@@ -194,7 +221,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
         const bool first = min(k0 >> gshift, G - 1) == g0;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          const Deq<T> dq(SPAN <= 32 || first ? cur.s0[u][t] : cur.s1[u][t]);
+          const Deq<T> dq(SPAN <= 32 || first ? sz0[t] : sz1[t]);
           const u32 word = (&cur.w[u][t].x)[wi];
 #pragma unroll
           for (int st = 0; st < C / 4; ++st) {
@@ -309,7 +336,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int B, int U, int NSEG> struct SimtStage {
   uint4 w[U][SIMT_R];
   uint2 h[U][SIMT_R];  // W3 hi words
-  u32 s[U][SIMT_R][NSEG];
+  Sz s[U][SIMT_R][NSEG];
 };
 
 // y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n] for x rows m in slices of MT
@@ -319,7 +346,7 @@ template <int B, int U, int NSEG> struct SimtStage {
 // MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K).
 template <int B, int MT, int U, int NSEG, class T>
 __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
-    const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
+    const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
     const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
     int M, int N, int K, int row_words, int G, int gshift, int nblk) {
   typedef SimtFmt<B> F;
@@ -349,7 +376,7 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
         st.w[u][r] = ld_stream_if(wq + row * row_words + c * 4, live);
         if (B == 3) st.h[u][r] = ld_v2_if(whi + row * (row_words >> 1) + c * 2, live);
 #pragma unroll
-        for (int sg = 0; sg < NSEG; ++sg) st.s[u][r][sg] = ld_u32_if(sz + row * G + min((c * 4 * C + sg * WPS * C) >> gshift, G - 1), live);
+        for (int sg = 0; sg < NSEG; ++sg) st.s[u][r][sg] = ld_sz_if(scales, zeros, row * G + min((c * 4 * C + sg * WPS * C) >> gshift, G - 1), live);
       }
     }
     if (++lk == KI) { lk = 0; lrg += TW; }
@@ -433,7 +460,7 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
       for (int sg = 0; sg < NSEG; ++sg) {
         Zc<B> zc[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) zc[r] = zc_of<B>(st.s[u][r][sg]);
+        for (int r = 0; r < R; ++r) zc[r] = zc_of<B>(st.s[u][r][sg].word());
         u32 part[R][MT];
 #pragma unroll
         for (int jj = 0; jj < WPS; ++jj) {
@@ -511,15 +538,15 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
 // Dequantizes one packed word (C codes) per thread into w[n, k] = (q - z) * s, written as 8- or
 // 16-byte vectors (scalar 2-byte stores made this kernel 10x slower than its bandwidth).
 template <int B, class T>
-__global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict__ whi, const u32* __restrict__ sz,
-                              u16* __restrict__ w, int N, int K, int row_words, int G, int gshift) {
+__global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales,
+                              const u8* __restrict__ zeros, u16* __restrict__ w, int N, int K, int row_words, int G, int gshift) {
   const int C = Fmt<B>::C;
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int n = (int)(idx / (size_t)row_words), wi = (int)(idx % (size_t)row_words);
   const int k0 = wi * C;
   if (n >= N || k0 >= K) return;
   const u32 word = __ldg(wq + (size_t)n * row_words + wi);
-  const Deq<T> dq(__ldg(sz + (size_t)n * G + (k0 >> gshift)));
+  const Deq<T> dq(ld_sz(scales, zeros, (size_t)n * G + (k0 >> gshift)));
   u32 hi = 0;
   if (B == 3) hi = __ldg(whi + (size_t)n * (row_words >> 1) + (wi >> 1));
   u32 out[C / 2];
@@ -538,13 +565,13 @@ __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict_
 
 #ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
 // (tests/kernels/test_nvcc_compile.py checks every SIMT instantiation the dispatch can reach for spills)
-#define GEMV(B, NT, M16, T) template __global__ void wonly_gemv<B, NT, M16, T>(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int);
+#define GEMV(B, NT, M16, T) template __global__ void wonly_gemv<B, NT, M16, T>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int);
 GEMV(4, 1, false, F16)
 GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
-#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T>(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int, int);
+#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int);
 SIMT(4, 1, 2, 1, F16)
 SIMT(2, 1, 2, 1, F16)
 SIMT(3, 1, 2, 1, F16)
@@ -553,8 +580,8 @@ SIMT(4, 4, 2, 1, F16)
 SIMT(2, 3, 1, 2, BF16)
 SIMT(3, 3, 1, 2, F16)
 SIMT(8, 4, 2, 1, BF16)
-template __global__ void wonly_dequant<3, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
-template __global__ void wonly_dequant<2, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
-template __global__ void wonly_dequant<8, F16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
-template __global__ void wonly_dequant<4, BF16>(const u32*, const u32*, const u32*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<3, F16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<2, F16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<8, F16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
+template __global__ void wonly_dequant<4, BF16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
 #endif

@@ -57,6 +57,8 @@ template <class V> inline V __shfl_xor_sync(unsigned, V val, int o) {
 // ---- the helpers written in inline PTX in the kernel source (substituted by name) ----
 typedef unsigned int u32;
 typedef unsigned short u16;
+typedef unsigned char u8;
+struct Sz;  // a group's scale and zero as loaded (defined by the kernel source, after the helpers)
 inline _Float16 emu_h(u32 bits) { u16 b = (u16)bits; _Float16 h; std::memcpy(&h, &b, 2); return h; }
 inline u32 emu_bits(_Float16 h) { u16 b; std::memcpy(&b, &h, 2); return b; }
 inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
@@ -91,7 +93,9 @@ inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
   inline u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | (u32)f2h(hi) << 16; }                                    \
   inline uint4 ld_stream_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint4*>(p) : uint4{0, 0, 0, 0}; } \
   inline uint2 ld_v2_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint2*>(p) : uint2{0, 0}; }      \
-  inline u32 ld_u32_if(const u32* p, bool ok) { return ok ? *p : 0u; }                                               \
+  template <class S = Sz> inline S ld_sz_if(const u16* scales, const u8* zeros, size_t i, bool ok) {                  \
+    return ok ? S{scales[i], zeros[i]} : S{0, 0};                                                                      \
+  }                                                                                                                    \
   template <int N> inline void cp_async_zfill(void* dst, const void* src, bool ok) {                                   \
     if (ok) std::memcpy(dst, src, N); else std::memset(dst, 0, N);                                                     \
   }                                                                                                                    \

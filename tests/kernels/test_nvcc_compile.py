@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qtool.kernels.ops import GEMV_MAX_M, simt_plan
+from qtool.kernels.ops import GEMV_MAX_M, mma_plan, simt_plan
 
 SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels" / "cuda").glob("*.cu"))
 
@@ -38,17 +38,21 @@ def _simt_instantiations() -> list[str]:
     return sorted(names)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_simt_gemv_does_not_spill(tmp_path):
-    """ptxas -v: no local-memory spills in any SIMT GEMV instantiation the dispatch can reach (launch
-    bounds cap them at 128 registers for 2 blocks of 256 threads per SM)."""
-    names = _simt_instantiations()
+def _mma_instantiations() -> list[str]:
+    """Every wonly_gemv<B, NT, M16, T> (mma GEMV) that ops.w_only_gemm can launch."""
+    names = {f"wonly_gemv<{bits}, {nt}, {str(m16).lower()}, {t}>"
+             for bits in (2, 3, 4, 8) for m in range(1, GEMV_MAX_M + 1) for nt, m16 in [mma_plan(bits, m)] for t in ("F16", "BF16")}
+    return sorted(names)
+
+
+def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str, str]]:
+    """ptxas -v of the instantiations `names` (kernel argument list `args`): (mangled name, stack frame
+    bytes, spill store bytes) of each."""
     src = SOURCES[0].parent / "wonly_gemv.cu"
-    args = "(const u32*, const u32*, const u32*, const u16*, const u16*, u16*, int, int, int, int, int, int, int)"
     jobs = max(1, min(len(names), os.cpu_count() or 1))
 
     def compile_part(i):
-        cu = tmp_path / f"simt{i}.cu"
+        cu = tmp_path / f"part{i}.cu"
         cu.write_text(f'#include "{src}"\n' + "".join(f"template __global__ void {n}{args};\n" for n in names[i::jobs]))
         r = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
                            capture_output=True, text=True)
@@ -57,6 +61,22 @@ def test_simt_gemv_does_not_spill(tmp_path):
 
     with ThreadPoolExecutor(jobs) as pool:
         log = "".join(pool.map(compile_part, range(jobs)))
-    found = re.findall(r"Function properties for (_Z15wonly_gemv_simt\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    found = re.findall(r"Function properties for (_Z\d+wonly_gemv\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log)
     assert len(found) == len(names)
-    assert [f for f in found if f[1:] != ("0", "0")] == []
+    return found
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_simt_gemv_does_not_spill(tmp_path):
+    """ptxas -v: no local-memory spills in any SIMT GEMV instantiation the dispatch can reach (launch
+    bounds cap them at 128 registers for 2 blocks of 256 threads per SM)."""
+    args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int)"
+    assert [f for f in _spills(_simt_instantiations(), args, tmp_path) if f[1:] != ("0", "0")] == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_mma_gemv_does_not_spill(tmp_path):
+    """ptxas -v: no spills in any mma GEMV instantiation the dispatch can reach (128 registers for 4 blocks
+    of 128 threads per SM; held in registers, the scales and zeros of the prefetched stage spilled)."""
+    args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int)"
+    assert [f for f in _spills(_mma_instantiations(), args, tmp_path) if f[1:] != ("0", "0")] == []

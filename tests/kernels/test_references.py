@@ -53,6 +53,18 @@ def test_wonly_pack_roundtrip(bits, group, k):
     c, s, z = unpack_wonly(w)
     assert torch.equal(c, codes) and torch.equal(z, zeros) and torch.equal(s, scales.half().float())
     assert w.data.shape[1] % 4 == 0 and (w.hi is None) == (bits != 3)
+    # the GPU holds fp16 scales and uint8 zeros: 3 bytes per group
+    assert w.scales.dtype == torch.float16 and w.zeros.dtype == torch.uint8
+    assert torch.equal(w.scales, scales.half()) and torch.equal(w.zeros, zeros.to(torch.uint8))
+    assert w.nbytes == 4 * (w.data.numel() + (0 if w.hi is None else w.hi.numel())) + 3 * scales.numel()
+
+
+def test_zero_word_is_fp16_of_1024_plus_zero():
+    """The kernels build a group's word as scale bits | (0x6400 | zero) << 16 (wonly_gemv.cu sz_word):
+    bits 0x6400 | z are fp16 1024 + z exactly for every uint8 zero."""
+    z = torch.arange(256, dtype=torch.int32)
+    half = (0x6400 | z).to(torch.int16).view(torch.float16)
+    assert torch.equal(half.float(), 1024 + z.float())
 
 
 @pytest.mark.parametrize("layout,bits", [("planes", 1), ("planes", 3), ("planes", 8), ("u8", 2), ("u8", 4)])

@@ -24,7 +24,7 @@ from qtool.kernels.packing import wonly_row_words
 from qtool.kernels.reference import w_only_gemm_ref
 
 ROOT = Path(__file__).resolve().parents[2]
-HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_u32_if",
+HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
            "cp_async_zfill", "cp_async_wait_all")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
@@ -88,7 +88,7 @@ def build(configs) -> ctypes.CDLL:
     """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T> for each (B, MT, U, NSEG, 'F16'|'BF16')."""
     launch = """
 template <int B, int MT, int U, int NSEG, class T>
-void emu_launch(const u32* wq, const u32* whi, const u32* sz, const u16* x, const u16* bias, u16* y,
+void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
                 int M, int N, int K, int row_words, int G, int gshift, int nblk, int grid, long smem) {
   std::vector<uint4> sm(smem / 16 + 1);
   blockDim.x = 256;
@@ -105,18 +105,18 @@ void emu_launch(const u32* wq, const u32* whi, const u32* sz, const u16* x, cons
       ts.emplace_back([=] {
         threadIdx.x = t;
         blockIdx.x = b;
-        wonly_gemv_simt<B, MT, U, NSEG, T>(wq, whi, sz, x, bias, y, M, N, K, row_words, G, gshift, nblk);
+        wonly_gemv_simt<B, MT, U, NSEG, T>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk);
       });
     for (auto& t : ts) t.join();
   }
 }
-extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u32* sz,
-                        const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
+extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u16* scales,
+                        const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
                         int nblk, int grid, long smem) {
 """
     for b, mt, u, nseg, t in configs:
         launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')}) "
-                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, sz, x, bias, y, M, N, K, row_words, G, gshift, nblk, grid, smem), 0;\n")
+                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, grid, smem), 0;\n")
     launch += "  return 1;\n}\n"
     code = f'#include "{Path(__file__).with_name("cuda_host_shim.h")}"\n' + _source() + launch
     tag = hashlib.sha1((code + Path(__file__).with_name("cuda_host_shim.h").read_text()).encode()).hexdigest()[:16]
@@ -139,10 +139,11 @@ def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.
     m = x.shape[0]
     mt, slices, u, nseg, smem = ops.simt_plan(w.bits, w.group, w.row_words, m)
     y = np.full((m, w.n), 0x7E01, dtype=np.uint16)  # NaN
-    words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data, w.sz)]
+    words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data)]
+    groups = [_u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
     halves = [_u16(x), _u16(bias) if bias is not None else None]
-    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *halves, y)]
-    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.sz.shape[1],
+    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves, y)]
+    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.scales.shape[1],
                       ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
     assert rc == 0, "instantiation not built"
     return torch.from_numpy(y.view(np.int16)).view(x.dtype)

@@ -173,7 +173,10 @@ def _gshift(w: WOnlyWeights) -> int:
 
 
 def _wonly_args(w: WOnlyWeights):
-    return rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.sz), _gshift(w)
+    """The packed-weight pointers every weight-only kernel takes first, and the group shift."""
+    if w.scales.dtype != torch.float16 or w.zeros.dtype != torch.uint8:
+        raise QtoolError(f"weight-only kernels take fp16 scales and uint8 zeros, got {w.scales.dtype} and {w.zeros.dtype}: pack with pack_wonly")
+    return (rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.scales), rt.ptr(w.zeros)), _gshift(w)
 
 
 def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -181,11 +184,11 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
     if not rt.on_gpu(w.data):
         return ref.dequantize_wonly(w).to(dtype)
     out = torch.empty(w.n, w.k, dtype=dtype, device=w.data.device)
-    d, hi, sz, gshift = _wonly_args(w)
+    wptrs, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_dequant<{w.bits}, {rt.type_tag(dtype)}>")
     total = w.n * w.row_words
-    rt.launch(fn, (-(-total // 256),), (256,), (d, hi, sz, rt.ptr(out), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-                                                rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+    rt.launch(fn, (-(-total // 256),), (256,), (*wptrs, rt.ptr(out), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+                                                rt.i32(w.scales.shape[1]), rt.i32(gshift)))
     return out
 
 
@@ -236,21 +239,26 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     groups = -(-w.n // SIMT_ROWS)
     rounds = -(-groups // (resident * warps))
     nblk = -(-groups // (rounds * warps))
-    d, hi, sz, gshift = _wonly_args(w)
+    wptrs, gshift = _wonly_args(w)
     rt.launch(fn, (nblk * slices,), (SIMT_THREADS,),
-              (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-               rt.i32(w.sz.shape[1]), rt.i32(gshift), rt.i32(nblk)), shared_mem=smem)
+              (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+               rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk)), shared_mem=smem)
+
+
+def mma_plan(bits: int, m: int) -> tuple[int, bool]:
+    """(NT n-tiles per block, M16) for wonly_gemv at M rows. M16: rows gid + 8 in use; W4/W8 let two
+    n-tiles share x loads in 128 registers, W2/W3 would spill."""
+    return (1, False) if m <= 8 else ((2, True) if bits in (4, 8) else (1, True))
 
 
 def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     m = x.shape[0]
-    # rows gid + 8 in use (M16): W4/W8 let two n-tiles share x loads in 128 registers; W2/W3 would spill
-    nt, m16 = (1, "false") if m <= 8 else ((2, "true") if w.bits in (4, 8) else (1, "true"))
-    d, hi, sz, gshift = _wonly_args(w)
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {m16}, {rt.type_tag(x.dtype)}>")
+    nt, m16 = mma_plan(w.bits, m)
+    wptrs, gshift = _wonly_args(w)
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {str(m16).lower()}, {rt.type_tag(x.dtype)}>")
     rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
-              (d, hi, sz, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-               rt.i32(w.sz.shape[1]), rt.i32(gshift)))
+              (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
+               rt.i32(w.scales.shape[1]), rt.i32(gshift)))
 
 
 def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,

@@ -65,7 +65,8 @@ def unpack_interleaved(words: torch.Tensor, b: int, k: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class WOnlyWeights:
     """Packed weights for W-only x A16: `data` [N, row_words] (+ `hi` [N, row_words/2] for W3),
-    `sz` [N, G] int32 = fp16 scale bits | fp16(1024 + zero) bits << 16."""
+    `scales` [N, G] fp16 and `zeros` [N, G] uint8: 3 bytes per group (the kernels build their
+    fp16 scale | fp16(1024 + zero) << 16 word on load)."""
 
     bits: int
     n: int
@@ -73,7 +74,8 @@ class WOnlyWeights:
     group: int  # == k for per-channel
     data: torch.Tensor
     hi: torch.Tensor | None
-    sz: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
 
     @property
     def row_words(self) -> int:
@@ -81,7 +83,7 @@ class WOnlyWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * 4 for t in (self.data, self.hi, self.sz) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.hi, self.scales, self.zeros) if t is not None)
 
 
 def _check_group(k: int, group: int | None, n_groups: int) -> int:
@@ -112,7 +114,7 @@ def pack_wonly(codes, bits: int, scales, zeros, group: int | None) -> WOnlyWeigh
         data, hi = pack_interleaved(c & 3, 2, row_words), pack_interleaved(c >> 2, 1, row_words // 2)
     else:
         data, hi = pack_interleaved(c, bits, row_words), None
-    return WOnlyWeights(bits, n, k, g, data, hi, pack_scale_zero(scales, z))
+    return WOnlyWeights(bits, n, k, g, data, hi, scales.to(torch.float16).contiguous(), z.to(torch.uint8).contiguous())
 
 
 def wonly_row_words(k: int, bits: int) -> int:
@@ -121,28 +123,13 @@ def wonly_row_words(k: int, bits: int) -> int:
     return -(-k // kblock) * 16
 
 
-def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """`sz` words: fp16 scale bits | fp16(1024 + zero) bits << 16."""
-    s16 = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    z16 = (zeros.to(torch.float32) + 1024).to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    return _to_int32(s16 | (z16 << 16)).contiguous()
-
-
 def unpack_wonly(w: WOnlyWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes [N, K] int64, scales [N, G] fp32 as stored (fp16), zeros [N, G] fp32)."""
     if w.bits == 3:
         codes = unpack_interleaved(w.data, 2, w.k) | (unpack_interleaved(w.hi, 1, w.k) << 2)
     else:
         codes = unpack_interleaved(w.data, w.bits, w.k)
-    sz = _as_u32(w.sz)
-    scales = _half_from_bits(sz & 0xFFFF)
-    zeros = _half_from_bits(sz >> 16) - 1024
-    return codes, scales, zeros
-
-
-def _half_from_bits(bits16: torch.Tensor) -> torch.Tensor:
-    b = torch.where(bits16 >= 2**15, bits16 - 2**16, bits16).to(torch.int16)
-    return b.view(torch.float16).float()
+    return codes, w.scales.float(), w.zeros.float()
 
 
 # ---- low-bit layouts: segment-padded K, bit-planes or u8 ----------------------------------------

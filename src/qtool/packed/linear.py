@@ -19,7 +19,6 @@ from qtool.kernels.packing import (
     WONLY_BITS,
     LowbitWeights,
     WOnlyWeights,
-    pack_scale_zero,
     unpack_planes,
     unpack_u8_weights,
     unpack_wonly,
@@ -72,7 +71,8 @@ class PackedLinear(nn.Module):
 
     Buffers: `qweight` (+ `qweight_hi` for 3-bit weight-only) in the layout's int32 words, `scales`
     fp32 [N, G], `zeros` uint8 [N, G], `terms` (per-segment code sums, low-bit GEMMs), `act_bounds`
-    (activation clusters), `kv_bounds` (output clusters of K/V under -cluster), `bias`.
+    (activation clusters), `kv_bounds` (output clusters of K/V under -cluster), `bias`; in kernel form
+    (`to_kernel_form`) a weight-only layer holds `scales16` (fp16, what its kernels read) for `scales`.
     """
 
     def __init__(self, layout: str, bits: int, in_features: int, out_features: int, group: int, buffers: dict,
@@ -130,10 +130,10 @@ class PackedLinear(nn.Module):
         return dequantize_weight(self.codes(), self.scales, self.zeros.float(), self.group)
 
     def _wonly(self) -> WOnlyWeights:
-        sz = self.sz if "sz" in self._buffers else pack_scale_zero(self.scales, self.zeros)
+        scales = self.scales16 if "scales16" in self._buffers else self.scales.half()
         group = self.group or self.in_features
         return WOnlyWeights(self.bits, self.out_features, self.in_features, group, self.qweight,
-                            getattr(self, "qweight_hi", None), sz.contiguous())
+                            getattr(self, "qweight_hi", None), scales.contiguous(), self.zeros.contiguous())
 
     def _lowbit(self) -> LowbitWeights:
         return LowbitWeights(self.layout, self.bits, self.out_features, self.in_features, self.qweight, self.terms, self.segments)
@@ -145,14 +145,15 @@ class PackedLinear(nn.Module):
         return self._kw
 
     def to_kernel_form(self) -> "PackedLinear":
-        """Keep only what the kernels read (packed words, fp16 scale|zero words or segment sums),
-        dropping the fp32 scales and zeros that the exact CPU reference needs: this is the memory a
-        packed layer costs on the GPU."""
+        """Keep only what the kernels read (packed words with fp16 scales and uint8 zeros, or segment
+        sums), dropping the fp32 scales (and the low-bit GEMMs' zeros) that the exact CPU reference
+        needs: this is the memory a packed layer costs on the GPU."""
         self._kernel_weights()
-        for name in ("scales", "zeros"):
-            self._buffers.pop(name, None)
+        self._buffers.pop("scales", None)
         if self.layout == "wonly":
-            self.register_buffer("sz", self._kw.sz)
+            self.register_buffer("scales16", self._kw.scales)
+        else:
+            self._buffers.pop("zeros", None)
         self._dense = None
         return self
 
@@ -164,9 +165,10 @@ class PackedLinear(nn.Module):
     @property
     def kernel_nbytes(self) -> int:
         """Bytes the layer holds in kernel form (`to_kernel_form`)."""
-        dropped = {"scales", "zeros"} if "scales" in self._buffers else set()
-        extra = 4 * self.scales.numel() if self.layout == "wonly" and dropped else 0  # the sz words
-        return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n not in dropped) + extra
+        if "scales" not in self._buffers:  # in kernel form already
+            return self.nbytes
+        kept = sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n not in ("scales", "zeros"))
+        return kept + (2 * self.scales.numel() + self.zeros.numel() if self.layout == "wonly" else 0)  # fp16 scales, uint8 zeros
 
     @classmethod
     def concat(cls, parts: list["PackedLinear"]) -> "PackedLinear | None":
