@@ -26,6 +26,7 @@ print(f"{a['spec']:>12}  stage {a['ppl']:.4f}  packed {b['ppl']:.4f}  diff {100 
 PY
 done 2>&1 | tee "$OUT/ppl_summary.txt"
 
+[ "${E2E_TIMEOUT:-300}" = 0 ] && exit 0  # perplexity only
 timeout "${E2E_TIMEOUT:-300}" python3 -m qtool.cli bench e2e --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v "^{" | tail -20
 python3 - "$OUT/e2e_bench.csv" <<'PY'
 import csv, sys
