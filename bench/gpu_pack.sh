@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for issue 7: kernel tests touched by packing, packed-vs-stage perplexity on SmolLM2
 # (WikiText-2 test, all windows), then `qtool bench e2e`. Needs QTOOL_SMOLLM2_GGUF (or the cached
-# model), PYTHONPATH=src and $OUT. Writes pack_tests.log, ppl.jsonl, e2e_bench.csv/png, e2e.log.
+# model), PYTHONPATH=src and $OUT. Writes pack_tests.log, ppl.jsonl, e2e_bench.csv/png, e2e.log
+# (E2E_TIMEOUT=0: perplexity only).
 set -uo pipefail
 : "${OUT:?set OUT to the output directory}"
 export PYTHONPATH="${PYTHONPATH:-src}"

@@ -196,6 +196,24 @@ def pack(
     _finish(result, as_json, _kv_table("qtool pack", {k: result[k] for k in keys if k in result}))
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model id, model directory, stage or packed checkpoint."),
+    prompt: str = typer.Option(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate (greedy)."),
+    dtype: str = typer.Option("auto", help="auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Greedy generation through qtool's Decoder (llama, mistral, qwen2; transformers' generate otherwise)."""
+    from qtool.generate import generate_text
+
+    result = generate_text(model, prompt, max_new_tokens, device, dtype)
+    rows = {"text": result["text"], "tokens": result["new_tokens"],
+            "speed": f"{result['tokens_per_s']} tokens/s ({result['runtime']} on {result['device']})"}
+    _finish(result, as_json, _kv_table("qtool generate", rows))
+
+
 @app.command("train-blockap")
 def train_blockap(
     model: str = typer.Argument(..., help="Model id, model directory or stage directory."),

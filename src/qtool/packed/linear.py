@@ -15,6 +15,7 @@ from torch import nn
 
 from qtool import kernels
 from qtool.errors import QtoolError
+from qtool.fusion import fused
 from qtool.kernels.packing import (
     WONLY_BITS,
     LowbitWeights,
@@ -24,11 +25,9 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import make_segments
-from qtool.fusion import fused
 from qtool.quant.fakequant import ActQuantizer
 from qtool.quant.quantizer import dequantize_weight, fake_quant_per_token
 from qtool.spec import QuantSpec
-
 
 LAYOUTS = ("wonly", "u8", "planes")
 
@@ -101,7 +100,7 @@ class PackedLinear(nn.Module):
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_codes(cls, codes, scale, zero, spec: QuantSpec, layout: str, bias=None, act_bounds=None,
-                   kv: bool = False, kv_bounds=None, head_dim: int | None = None) -> "PackedLinear":
+                   kv: bool = False, kv_bounds=None, head_dim: int | None = None) -> PackedLinear:
         """Pack one linear's codes [N, K] (uint8), scales and zeros [N, G] for `layout`."""
         n, k = codes.shape
         bits, group = spec.w_storage_bits, spec.group
@@ -144,7 +143,7 @@ class PackedLinear(nn.Module):
             self._kw = self._wonly() if self.layout == "wonly" else self._lowbit()
         return self._kw
 
-    def to_kernel_form(self) -> "PackedLinear":
+    def to_kernel_form(self) -> PackedLinear:
         """Keep only what the kernels read (packed words with fp16 scales and uint8 zeros, or segment
         sums), dropping the fp32 scales (and the low-bit GEMMs' zeros) that the exact CPU reference
         needs: this is the memory a packed layer costs on the GPU."""
@@ -171,7 +170,7 @@ class PackedLinear(nn.Module):
         return kept + (2 * self.scales.numel() + self.zeros.numel() if self.layout == "wonly" else 0)  # fp16 scales, uint8 zeros
 
     @classmethod
-    def concat(cls, parts: list["PackedLinear"]) -> "PackedLinear | None":
+    def concat(cls, parts: list[PackedLinear]) -> PackedLinear | None:
         """One weight-only linear computing the parts' outputs side by side (the parts read the
         same input: q|k|v, gate|up), or None when they differ in layout or quantization or one
         quantizes its output (KV). The parts' row buffers become views into the fused ones."""

@@ -1,0 +1,50 @@
+"""`qtool generate`: greedy text generation from a model, stage or packed checkpoint, through the
+Decoder (static cache, CUDA-graph steps) where the family has one, transformers' generate otherwise."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qtool.errors import QtoolError
+
+
+def generate_text(model_ref: str, prompt: str, max_new_tokens: int, device: str = "auto", dtype: str = "auto") -> dict:
+    from qtool.decoder import Decoder
+    from qtool.models.loading import load_tokenizer
+    from qtool.packed.model import load_packed, read_quantization_config
+    from qtool.runtime import load, open_source, pick_device, pick_dtype
+
+    if not prompt:
+        raise QtoolError("the prompt is empty: pass --prompt TEXT")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype if dtype != "auto" else ("float16" if dev.type == "cuda" else "float32"))
+    source = open_source(model_ref)
+    if read_quantization_config(source.path) is not None:
+        model, tokenizer = load_packed(source.path, torch_dtype, dev), load_tokenizer(source.path)  # kernel form on a GPU
+    else:
+        model, tokenizer = load(source, torch_dtype)
+        model.to(dev)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
+    try:
+        decoder = Decoder(model, 1, ids.shape[1] + max_new_tokens)
+        runtime = "qtool"
+    except QtoolError:
+        decoder, runtime = None, "transformers"
+    # a first short run compiles the fused ops and captures the step graph, so the timed run is steady
+    run = (lambda n: decoder.generate(ids, n, tokenizer.eos_token_id)) if decoder else (
+        lambda n: model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        run(2)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = run(max_new_tokens)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return {"model": str(source.path), "runtime": runtime, "device": str(dev), "prompt": prompt,
+            "text": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
+            "seconds": round(seconds, 3), "tokens_per_s": round(new.numel() / seconds, 1)}
