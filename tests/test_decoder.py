@@ -43,11 +43,13 @@ def test_decoder_matches_transformers_in_float64(family):
 
 
 def test_decoder_generate_equals_transformers_greedy():
+    import qtool
+
     model = tiny_model("llama").double()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(Decoder(model, batch=2, max_len=14).generate(ids, 8), want)
+    assert torch.equal(qtool.Decoder(model, batch=2, max_len=14).generate(ids, 8), want)
 
 
 @pytest.mark.parametrize("spec,fused", [("W4A16-g32", True), ("W4A8-g32", True), ("W4A4KV4", False), ("W6A8", False)])

@@ -10,3 +10,12 @@ def load(path, device="auto", dtype=None):
     from qtool.runtime import pick_device
 
     return load_packed(path, dtype, pick_device(device))
+
+
+def __getattr__(name):
+    """`qtool.Decoder` (fast generation, qtool.decoder), imported on first use like `load`'s imports."""
+    if name == "Decoder":
+        from qtool.decoder import Decoder
+
+        return Decoder
+    raise AttributeError(f"module 'qtool' has no attribute {name!r}")
