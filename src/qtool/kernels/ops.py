@@ -18,8 +18,9 @@ GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu (mma GEMV)
 SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
-# bench/results/gemv_variants_h100.csv): SIMT costs ~(2 + M) instructions per weight pair (W4: ~84 per
-# 16-byte word at M = 1, ~158 at M = 4), so for W4 it wins at M = 1 (2.5-3.6x fp16 vs 2.0-2.4x) but
+# bench/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
+# and uint8 zero loads add ~6 instructions per group): SIMT costs ~(2 + M) instructions per weight
+# pair (W4: ~84 per 16-byte word at M = 1, ~158 at M = 4), so for W4 it wins at M = 1 (2.5-3.6x fp16 vs 2.0-2.4x) but
 # not at M = 4 (1.6x vs 1.9x on 4096x11008); W8 follows W4 (not measured). W2/W3 stay on SIMT up to
 # M = 16: there the mma GEMV reads x fragments through L1 at 16 B per 8 codes per row (0.59-0.68x fp16
 # at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
