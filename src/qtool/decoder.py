@@ -213,10 +213,11 @@ class Decoder:
 
     def step_graph(self):
         """(graph, ids [B, 1], start 0-d tensor, logits) of a captured one-token step: set ids and
-        start in place, replay, read logits. Captured once (after warm-up runs that also compile)."""
+        start in place, replay, read logits. Captured once, after warm-up runs that also compile;
+        they write the cache's last position, which every real step writes before it reads it."""
         if self._graph is None:
             ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-            start = torch.zeros((), dtype=torch.long, device=self.device)
+            start = torch.full((), self.max_len - 1, dtype=torch.long, device=self.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
