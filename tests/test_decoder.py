@@ -180,3 +180,21 @@ def test_qtool_generate_cli_continues_like_transformers_greedy(tiny_dir, tmp_pat
         want = opt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
     row = generate_text(str(tmp_path / "opt"), prompt, 4, device="cpu")
     assert row["runtime"] == "transformers" and row["text"] == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_decoder_runs_an_rptq_packed_model(tiny_dir, tmp_path):
+    """Reordered norms (gather fused into the compiled norm) and cluster-wise activation and KV ranges."""
+    from qtool.calibrate import CalibrateParams, calibrate
+    from qtool.reorder import ReorderParams, reorder
+
+    cal, ro = tmp_path / "cal", tmp_path / "ro"
+    calibrate(CalibrateParams(str(tiny_dir), str(cal), samples=2, seqlen=32), device="cpu")
+    reorder(ReorderParams(str(cal), str(ro), clusters=4, head_clusters=2))
+    for spec in ("W4A8-cluster-dynamic", "W4A4KV4-cluster-dynamic"):
+        pack(PackParams(str(ro), str(tmp_path / spec), spec=spec))
+        model = load_packed(tmp_path / spec, dtype=torch.float64)
+        ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(5))
+        ref = _hf_logits(model, ids)
+        decoder = Decoder(model, batch=1, max_len=12)
+        assert all(b.attn_norm.perm is not None and b.attn_norm.fast for b in decoder.blocks)
+        torch.testing.assert_close(_stepwise(decoder, ids, 4), ref[:, 3:], rtol=0, atol=1e-10)
