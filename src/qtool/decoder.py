@@ -19,7 +19,8 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.fusion import fused
 from qtool.models.adapters import adapter_for
-from qtool.packed.linear import PackedLinear, quantize_input
+from qtool.packed.linear import PackedLinear
+from qtool.quant.fakequant import fake_quant_clusters
 from qtool.quant.reorder import NormGather
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -27,7 +28,7 @@ FAMILIES = ("llama", "mistral", "qwen2")
 
 def _quantized(x, quant):
     """x through the consumer linear's input quantization (`PackedLinear.input_quantization`)."""
-    return x if quant is None else quantize_input(x, *quant)
+    return x if quant is None else fake_quant_clusters(x, *quant)
 
 
 @fused

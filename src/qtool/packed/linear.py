@@ -25,7 +25,7 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import make_segments
-from qtool.quant.fakequant import ActQuantizer
+from qtool.quant.fakequant import ActQuantizer, fake_quant_clusters
 from qtool.quant.quantizer import dequantize_weight, fake_quant_per_token
 from qtool.spec import QuantSpec
 
@@ -238,12 +238,4 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
 
 
-def quantize_input(x: torch.Tensor, bits: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """The stage's dynamic activation quantization (ActQuantizer: per token and channel cluster of
-    `sizes`, fp32 math), returned in x's dtype. Plain torch, so callers can fuse it (`fused`)."""
-    xf = x.float()
-    chunks = xf.split(list(sizes), -1) if len(sizes) > 1 else (xf,)
-    return torch.cat([fake_quant_per_token(c, bits) for c in chunks], -1).to(x.dtype)
-
-
-_quantize = fused(quantize_input)
+_quantize = fused(fake_quant_clusters)

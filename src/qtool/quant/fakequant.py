@@ -59,9 +59,15 @@ class ActQuantizer:
         if self.qparams is not None:
             scale, zero = (p.to(x.device) for p in self.qparams)
             return fake_quant(x, scale, zero, self.levels, ste=self.ste)
-        if len(self.sizes) == 1:
-            return fake_quant_per_token(x, self.bits, ste=self.ste)
-        return torch.cat([fake_quant_per_token(c, self.bits, ste=self.ste) for c in x.split(self.sizes, -1)], -1)
+        return fake_quant_clusters(x, self.bits, self.sizes, self.ste)
+
+
+def fake_quant_clusters(x: torch.Tensor, bits: int, sizes, ste: bool = False) -> torch.Tensor:
+    """Dynamic quantization with one range per token and contiguous channel cluster of `sizes`
+    (ActQuantizer's dynamic case; plain torch and host-side sizes, so torch.compile can fuse it)."""
+    if len(sizes) == 1:
+        return fake_quant_per_token(x, bits, ste=ste)
+    return torch.cat([fake_quant_per_token(c, bits, ste=ste) for c in x.split(list(sizes), -1)], -1)
 
 
 class InputHook:
