@@ -12,8 +12,7 @@ from qtool.errors import QtoolError
 
 def generate_text(model_ref: str, prompt: str, max_new_tokens: int, device: str = "auto", dtype: str = "auto") -> dict:
     from qtool.decoder import Decoder
-    from qtool.models.loading import load_tokenizer
-    from qtool.packed.model import load_packed, read_quantization_config
+    from qtool.packed.model import to_kernel_form
     from qtool.runtime import load, open_source, pick_device, pick_dtype
 
     if not prompt:
@@ -21,11 +20,10 @@ def generate_text(model_ref: str, prompt: str, max_new_tokens: int, device: str 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype if dtype != "auto" else ("float16" if dev.type == "cuda" else "float32"))
     source = open_source(model_ref)
-    if read_quantization_config(source.path) is not None:
-        model, tokenizer = load_packed(source.path, torch_dtype, dev), load_tokenizer(source.path)  # kernel form on a GPU
-    else:
-        model, tokenizer = load(source, torch_dtype)
-        model.to(dev)
+    model, tokenizer = load(source, torch_dtype)
+    model.to(dev)
+    if dev.type == "cuda":
+        to_kernel_form(model)  # packed linears keep only what their kernels read
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
     try:
         decoder = Decoder(model, 1, ids.shape[1] + max_new_tokens)
