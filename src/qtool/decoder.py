@@ -73,6 +73,21 @@ def _call(linear: nn.Module, x, quant):
     return linear(x, input_quantized=True) if quant is not None else linear(x)
 
 
+def capture_graph(fn, warmup: int = 3):
+    """(CUDA graph, its output) of `fn` captured after `warmup` runs on a side stream (the runs
+    torch.compile and cuBLAS need before capture); replay() reruns fn's kernels on its buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks)
 
@@ -219,15 +234,7 @@ class Decoder:
         if self._graph is None:
             ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
             start = torch.full((), self.max_len - 1, dtype=torch.long, device=self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.forward(ids, start)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self.forward(ids, start)
+            graph, logits = capture_graph(lambda: self.forward(ids, start))
             self._graph = (graph, ids, start, logits)
         return self._graph
 

@@ -78,16 +78,10 @@ def prefill_seconds(model, tokens: int, reps: int, decoder=None) -> float:
 def _replayed(step, reps: int) -> tuple[float, str]:
     """Seconds of `step` replayed as a CUDA graph where capture works, else run eagerly (the second
     value says which)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    from qtool.decoder import capture_graph
+
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph, _ = capture_graph(step)
         return _time(graph.replay, reps), "graph"
     except Exception as exc:  # capture refused (a host sync somewhere): time eagerly, and say so
         print(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); timing eagerly")
