@@ -261,3 +261,16 @@ def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp
         ids = torch.randint(0, 1000, (2, 24), generator=gen)
         ref, out = _logits(cpu, ids).double(), _logits(gpu, ids.cuda()).double().cpu()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("spec", ["W4A4KV4", "W2A16-g64"])
+def test_fp32_eval_of_packed_checkpoint_on_the_gpu_equals_the_stage(tiny_dir, tmp_path, spec):
+    """In fp32 a packed checkpoint keeps its fp32 scales on the GPU and computes the stage's
+    arithmetic, so `qtool eval --dtype float32` gives the stage's perplexity there too."""
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+    common = dict(data="wikitext2-valid", seqlen=64, windows=4)
+    stage = evaluate(EvalParams(str(tiny_dir), spec=spec, **common), device="cuda")
+    packed = evaluate(EvalParams(str(tmp_path / "p"), **common), device="cuda")
+    assert packed["ppl"] == pytest.approx(stage["ppl"], rel=1e-6)

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
+from qtool.kernels.cuda_runtime import cupy_available
 from qtool.fusion import fused
+from qtool.kernels import attention
 from qtool.models.adapters import adapter_for
 from qtool.packed.linear import PackedLinear
 from qtool.quant.fakequant import fake_quant_clusters
@@ -156,10 +158,14 @@ class _Block:
         self.down_quant = _input_quantization(self.down) if self.gate_up is not None else None
         self.scaling = get(adapter.attn).scaling
 
+    def fused_qkv(self, x):
+        """The fused q|k|v projection of x (self.qkv is not None)."""
+        return _call(self.qkv, x, self.attn_norm.quant)
+
     def project(self, x):
         if self.qkv is None:
             return self.q(x), self.k(x), self.v(x)
-        return _call(self.qkv, x, self.attn_norm.quant).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+        return self.fused_qkv(x).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
 
     def mlp(self, x):
         if self.gate_up is None:
@@ -202,6 +208,13 @@ class Decoder:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.batch, self.max_len = batch, max_len
         self._key_pos = torch.arange(max_len, device=self.device)
+        # the rotary table of every cache position, looked up per step (transformers computes the same
+        # values per call: one product per position and frequency)
+        cos, sin = self.model.model.rotary_emb(self.k_cache[0, 0, 0], self._key_pos.unsqueeze(0))
+        self._cos, self._sin = cos[0], sin[0]
+        self._attention = None
+        if self.device.type == "cuda" and cupy_available() and attention.supported(self.heads, self.kv_heads, self.head_dim, self.dtype):
+            self._attention = attention.workspace(batch, self.heads, self.kv_heads, self.head_dim, max_len, self.device)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: torch.Tensor | int) -> torch.Tensor:
@@ -210,18 +223,24 @@ class Decoder:
         b, t = ids.shape
         positions = self._key_pos[:t] + start
         h = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(h, positions.unsqueeze(0).expand(b, t))
-        mask = self._key_pos.unsqueeze(0) <= positions.unsqueeze(1)  # [T, max_len]: causal over the cache
+        cos, sin = self._cos.index_select(0, positions), self._sin.index_select(0, positions)
+        step = t == 1 and self._attention is not None  # the decode-attention kernel (rotary, cache store inside)
+        mask = None if step else self._key_pos.unsqueeze(0) <= positions.unsqueeze(1)  # [T, max_len]: causal over the cache
         residual = None
         for i, blk in enumerate(self.blocks):
             x, residual = blk.attn_norm(h, residual)
-            q, k, v = blk.project(x)
-            kv_shape = (b, t, self.kv_heads, self.head_dim)
-            q = rotary_store(q.view(b, t, self.heads, self.head_dim), k.view(kv_shape), v.view(kv_shape), cos, sin,
-                             self.k_cache[i], self.v_cache[i], positions)
-            a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                                           scale=blk.scaling, enable_gqa=self.heads != self.kv_heads)
-            h = blk.o(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            if step and blk.qkv is not None:
+                a = attention.decode_attention(blk.fused_qkv(x).view(b, -1), cos, sin, self.k_cache[i], self.v_cache[i],
+                                               positions, self.heads, blk.scaling, self._attention)
+            else:
+                q, k, v = blk.project(x)
+                kv_shape = (b, t, self.kv_heads, self.head_dim)
+                q = rotary_store(q.view(b, t, self.heads, self.head_dim), k.view(kv_shape), v.view(kv_shape),
+                                 cos.expand(b, t, -1), sin.expand(b, t, -1), self.k_cache[i], self.v_cache[i], positions)
+                a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                               scale=blk.scaling, enable_gqa=self.heads != self.kv_heads)
+                a = a.transpose(1, 2)
+            h = blk.o(a.reshape(b, t, self.heads * self.head_dim))
             x, residual = blk.mlp_norm(h, residual)
             h = blk.mlp(x)
         x, _ = self.final_norm(h, residual)  # over all T: a slice would make the compiled norm specialize on its offset

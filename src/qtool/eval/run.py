@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from qtool.data import eval_windows, read_text, token_ids
 from qtool.errors import QtoolError
 from qtool.eval.memory import memory_report
@@ -72,8 +74,8 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
     if packed:
         model.to(dev)
-        if dev.type == "cuda":
-            to_kernel_form(model)
+        if dev.type == "cuda" and pick_dtype(params.dtype) != torch.float32:
+            to_kernel_form(model)  # 16-bit: the kernels; fp32 keeps the fp32 scales (PackedLinear.forward)
     else:
         apply_spec(model, adapter, spec, stats, qparams, clusters)
         model.to(dev)

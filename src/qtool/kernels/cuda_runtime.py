@@ -61,6 +61,10 @@ def i32(v: int) -> np.int32:
     return np.int32(v)
 
 
+def f32(v: float) -> np.float32:
+    return np.float32(v)
+
+
 def handle(fn) -> int:
     """The CUfunction of a compiled kernel: CuPy's RawKernel keeps it in `.kernel` (a Function)."""
     return fn.ptr if hasattr(fn, "ptr") else fn.kernel.ptr

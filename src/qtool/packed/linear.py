@@ -3,7 +3,8 @@
 On a GPU it calls the kernels (weight-only GEMV/GEMM, or activation quantize-and-pack followed by
 the u8 / bit-plane GEMM); on the CPU it runs the torch reference of the same quantized product:
 weights dequantized from the packed codes with the stage's fp32 scales, activations fake-quantized
-by the stage's own quantizer, so a packed model on the CPU reproduces its stage exactly. Where the
+by the stage's own quantizer, so a packed model on the CPU reproduces its stage exactly; so does a
+GPU model run in fp32 before `to_kernel_form` (`qtool eval --dtype float32`). Where the
 spec quantizes the KV cache, the key and value projections quantize their outputs the same way on
 both devices.
 """
@@ -204,7 +205,10 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        kernel = x.is_cuda and kernels.cuda_runtime.cupy_available()
+        # fp32 activations on a layer that still holds the fp32 scales (not in kernel form) run the
+        # stage's arithmetic on any device: the 16-bit kernels would round activations and scales
+        exact = x.dtype == torch.float32 and "scales" in self._buffers
+        kernel = x.is_cuda and kernels.cuda_runtime.cupy_available() and not exact
         if self.a_bits < 16 and not input_quantized and not (kernel and self.layout != "wonly"):
             x2 = _quantize(x2, self.a_bits, self._in_sizes)  # (the u8 / bit-plane kernels quantize to integers)
         y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
