@@ -210,7 +210,10 @@ class PackedLinear(nn.Module):
         exact = x.dtype == torch.float32 and "scales" in self._buffers
         kernel = x.is_cuda and kernels.cuda_runtime.cupy_available() and not exact
         if self.a_bits < 16 and not input_quantized and not (kernel and self.layout != "wonly"):
-            x2 = _quantize(x2, self.a_bits, self._in_sizes)  # (the u8 / bit-plane kernels quantize to integers)
+            # (the u8 / bit-plane kernels quantize to integers); eager where exactness is the point:
+            # compiled, the division may round differently and flip a code
+            quantize = fake_quant_clusters if exact else _quantize
+            x2 = quantize(x2, self.a_bits, self._in_sizes)
         y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
