@@ -59,7 +59,7 @@ def main() -> None:
             attention.max_chunk = (lambda d, c=int(chunk): c) if chunk else default_chunk
             dec = Decoder(model, args.batch, args.context + 1)
             dec.forward(prompt, 0)
-            graph_s, how = _replayed(lambda: dec.forward(ids, start), 100)
+            graph_s, how = _replayed(lambda d=dec, i=ids, s=start: d.forward(i, s), 100)
             row = {"spec": spec, "chunk": dec._attention.chunk if dec._attention else None,
                    "graph_us": round(graph_s * 1e6, 1), "timing": how, "blocks": args.layers}
             if first and not args.no_kernels:

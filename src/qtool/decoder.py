@@ -2,13 +2,14 @@
 
 Why: at batch 1 a 7B decode step in transformers runs ~40 kernels per block, and once the weights
 are packed those small kernels take longer than the linears. The Decoder computes the same
-function as the model's forward with ~10 kernels per block: a static KV cache written in place,
+function as the model's forward with ~8 kernels per block: a static KV cache written in place,
 one fused q|k|v and one gate|up linear (the modules' weights become views into the fused one, so
-nothing is held twice); the residual add + RMSNorm, the rotary embedding + cache store, and the
-SiLU gate each compiled by torch.compile into one kernel on CUDA, the first and last also applying
-the next linear's activation quantization; the one-token step replayed as a CUDA graph. Linears
-are called as modules, so PackedLinear kernels and KV quantization run as in the transformers
-forward (tests compare logits with it).
+nothing is held twice); the residual add + RMSNorm and the SiLU gate each compiled by
+torch.compile into one kernel on CUDA, also applying the next linear's activation quantization;
+in a one-token step on the GPU, rotary embedding, cache store and attention in one CUDA kernel
+(qtool.kernels.attention; prefill: a compiled rotary + store, then SDPA); the one-token step
+replayed as a CUDA graph. Linears are called as modules, so PackedLinear kernels and KV
+quantization run as in the transformers forward (tests compare logits with it).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
-from qtool.kernels.cuda_runtime import cupy_available
 from qtool.fusion import fused
 from qtool.kernels import attention
+from qtool.kernels.cuda_runtime import cupy_available
 from qtool.models.adapters import adapter_for
 from qtool.packed.linear import PackedLinear
 from qtool.quant.fakequant import fake_quant_clusters
