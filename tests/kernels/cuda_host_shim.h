@@ -1,12 +1,14 @@
-// Host (C++20) stand-ins for the CUDA builtins and the inline-PTX helpers of kernels/cuda/wonly_gemv.cu,
-// so tests/kernels/test_simt_host.py can run the SIMT GEMV kernel's own source on the CPU: one
-// std::thread per CUDA thread, a std::barrier per block (__syncthreads) and per warp (shuffles).
+// Host (C++20) stand-ins for the CUDA builtins and the inline-PTX helpers of kernels/cuda/wonly_gemv.cu
+// and decode_attention.cu, so tests/kernels/test_simt_host.py and test_attention_host.py can run those
+// kernels' own source on the CPU: one std::thread per CUDA thread, a std::barrier per block
+// (__syncthreads) and per warp (shuffles); the blocks of a launch run one after another.
 // fp16 arithmetic uses _Float16 with one rounding per PTX instruction, as the GPU does.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -28,6 +30,10 @@ inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; 
 inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
 inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
 template <class P> inline P __ldg(const P* p) { return *p; }
+template <class P> inline P __ldcg(const P* p) { return *p; }
+inline float __expf(float x) { return std::exp2(x * 1.44269504f); }  // the GPU's ex2.approx(x * log2 e)
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 using std::fmaf;
 using std::fmaxf;
 
@@ -43,13 +49,14 @@ std::barrier<>* emu_block_bar;
 EmuWarp* emu_warps;
 inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {}  // lanes only meet in shuffles here
-template <class V> inline V __shfl_xor_sync(unsigned, V val, int o) {
+// a 4-byte value of lane ^ o; with width < 32, a lane past the caller's width-lane segment gives its own value
+template <class V> inline V __shfl_xor_sync(unsigned, V val, int o, int width = 32) {
   EmuWarp& w = emu_warps[threadIdx.x >> 5];
-  const unsigned lane = threadIdx.x & 31;
+  const unsigned lane = threadIdx.x & 31, src = lane ^ o;
   std::memcpy(&w.v[lane], &val, 4);
   w.bar.arrive_and_wait();
   V r;
-  std::memcpy(&r, &w.v[lane ^ o], 4);
+  std::memcpy(&r, &w.v[src <= (lane | (width - 1)) ? src : lane], 4);
   w.bar.arrive_and_wait();
   return r;
 }
@@ -99,4 +106,5 @@ inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
   template <int N> inline void cp_async_zfill(void* dst, const void* src, bool ok) {                                   \
     if (ok) std::memcpy(dst, src, N); else std::memset(dst, 0, N);                                                     \
   }                                                                                                                    \
+  inline void cp_async16(void* dst, const void* src) { std::memcpy(dst, src, 16); }                                    \
   inline void cp_async_wait_all() {}
