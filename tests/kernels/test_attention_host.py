@@ -9,22 +9,17 @@ out and the split partials start NaN, so unwritten or out-of-range values show.
 """
 
 import ctypes
-import hashlib
-import os
 import re
 import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from host_kernel import build, kernel_source, u16
+from test_decode_attention import _inputs
 
 from qtool.kernels import attention
 
-ROOT = Path(__file__).resolve().parents[2]
-SHIM = Path(__file__).with_name("cuda_host_shim.h")
 HELPERS = ("h2f", "f2h", "f2bf", "cp_async16", "cp_async_wait_all")
 GUARD = 1024  # bytes past the dynamic shared memory that must stay NaN
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -45,20 +40,7 @@ def _source() -> str:
     """decode_attention.cu with its PTX helpers replaced by the shim's, the dynamic shared memory the
     block's emulated one, and the static shared arrays function statics (reused by the blocks, which
     run one after another) that thread 0 NaN-fills at the start of each block."""
-    src = (ROOT / "kernels" / "cuda" / "decode_attention.cu").read_text()
-    first = None
-    for name in HELPERS:
-        m = re.search(rf"__device__ __forceinline__ \w+ {name}\(", src)
-        assert m, f"helper {name} not found in decode_attention.cu: update tests/kernels/cuda_host_shim.h"
-        depth, i = 0, src.index("{", m.end())
-        while True:  # to the body's closing brace
-            depth += {"{": 1, "}": -1}.get(src[i], 0)
-            i += 1
-            if depth == 0:
-                break
-        first = m.start() if first is None else min(first, m.start())
-        src = src[:m.start()] + f"/* {name}: shim */" + src[i:]
-    src = src[:first] + "EMU_HELPERS\n" + src[first:]
+    src = kernel_source("decode_attention.cu", HELPERS)
     src = src.replace("extern __shared__ uint4 dyn[];", "uint4* dyn = emu_smem;")
     decls = list(re.finditer(r"^ *__shared__ \w+ ([^;]+);\n", src, re.MULTILINE))
     names = [re.match(r" *(\w+)", v).group(1) for d in decls for v in d.group(1).split(",")]
@@ -110,7 +92,7 @@ def _configs():
 @pytest.fixture(scope="module")
 def lib() -> ctypes.CDLL:
     """A shared library running decode_attention<D, G, T> for each (D, G, 'F16'|'BF16') of CASES."""
-    code = f'#include "{SHIM}"\nconst long GUARD = {GUARD};\n' + _source() + LAUNCH
+    code = f"const long GUARD = {GUARD};\n" + _source() + LAUNCH
     code += ("extern \"C\" int run_attention(int D, int G, int f16, const u16* qkv, int qkv_stride, const u16* cosv, "
              "const u16* sinv, u16* kc, u16* vc, const long long* pos, u16* out, float* ws, u32* counters, int H, int Hkv, "
              "int L, int chunk, int splits, float scale, long smem, int nbk, int reverse) {\n")
@@ -118,24 +100,11 @@ def lib() -> ctypes.CDLL:
         code += (f"  if (D == {d} && G == {g} && f16 == {int(t == 'F16')}) return emu_launch<{d}, {g}, {t}>(qkv, qkv_stride, "
                  "cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale, smem, nbk, reverse);\n")
     code += "  return 1;\n}\n"
-    tag = hashlib.sha1((code + SHIM.read_text()).encode()).hexdigest()[:16]
-    so = Path(tempfile.gettempdir()) / f"qtool_attention_host_{tag}.so"
-    if not so.exists():
-        cpp, tmp = so.with_suffix(".cpp"), so.with_suffix(f".{os.getpid()}.so")  # renamed when built: parallel runs
-        cpp.write_text(code)
-        r = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(tmp), str(cpp)],
-                           check=False, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        os.replace(tmp, so)
-    lib = ctypes.CDLL(str(so))
+    lib = build(code, "attention_host")
     p = ctypes.c_void_p
     lib.run_attention.argtypes = [ctypes.c_int] * 3 + [p, ctypes.c_int] + [p] * 8 + [ctypes.c_int] * 5 + [
         ctypes.c_float, ctypes.c_long, ctypes.c_int, ctypes.c_int]
     return lib
-
-
-def _u16(t: torch.Tensor) -> np.ndarray:
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16).copy()
 
 
 def _t(a: np.ndarray, dtype) -> torch.Tensor:
@@ -146,8 +115,8 @@ def run(lib, qkv, cos, sin, kc, vc, p: int, heads: int, scale: float, chunk: int
     """(out, k cache, v cache, counters) after the host-run kernel; qkv rows are passed with a NaN-padded stride."""
     b, kv_heads, length, d = kc.shape
     rows = np.full((b, qkv.shape[1] + 24), 0xFFFF, dtype=np.uint16)
-    rows[:, : qkv.shape[1]] = _u16(qkv)
-    k, v, cs, sn = _u16(kc), _u16(vc), _u16(cos), _u16(sin)
+    rows[:, : qkv.shape[1]] = u16(qkv)
+    k, v, cs, sn = u16(kc), u16(vc), u16(cos), u16(sin)
     pos = np.array([p], dtype=np.int64)
     out = np.full((b, heads * d), 0xFFFF, dtype=np.uint16)
     ws = np.full((b, heads, splits, d + 2), np.nan, dtype=np.float32)
@@ -158,15 +127,6 @@ def run(lib, qkv, cos, sin, kc, vc, p: int, heads: int, scale: float, chunk: int
                            splits, scale, attention.smem_bytes(g, d, chunk), b * kv_heads, int(reverse))
     assert rc == 0, "instantiation not built" if rc == 1 else "wrote past the dynamic shared memory"
     return _t(out, qkv.dtype), _t(k, qkv.dtype).view(kc.shape), _t(v, qkv.dtype).view(vc.shape), counters
-
-
-def _inputs(b, heads, kv_heads, d, length, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen)
-    angle = torch.rand(d // 2, generator=gen) * 6.28
-    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
-    caches = torch.randn(2, b, kv_heads, length, d, generator=gen)
-    return [t.to(dtype) for t in (qkv, cos, sin, caches[0], caches[1])]
 
 
 def _ordered(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +144,7 @@ def test_decode_attention_host(lib, shape, length, chunk, where, dtype):
     else:
         splits = -(-length // chunk)
     p = {"first": 0, "chunk_end": min(chunk - 1, length - 1), "chunk_start": min(chunk, length - 1), "last": length - 1}[where]
-    qkv, cos, sin, kc, vc = _inputs(b, heads, kv_heads, d, length, dtype, seed=length + p)
+    qkv, cos, sin, kc, vc = _inputs(b, heads, kv_heads, d, length, dtype, "cpu", seed=length + p)
     rk, rv = kc.clone(), vc.clone()
     expect = attention.decode_attention_ref(qkv, cos, sin, rk, rv, torch.tensor([p]), heads, d ** -0.5, compute=torch.float64)
     out, k, v, counters = run(lib, qkv, cos, sin, kc, vc, p, heads, d ** -0.5, chunk, splits)

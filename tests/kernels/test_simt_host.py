@@ -8,22 +8,18 @@ NaN-filled, so unwritten values show. Grids are small (nblk = 1 gives each warp 
 """
 
 import ctypes
-import hashlib
-import re
 import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from host_kernel import build as build_library
+from host_kernel import kernel_source, u16
 
 from qtool.kernels import ops, pack_wonly
 from qtool.kernels.packing import wonly_row_words
 from qtool.kernels.reference import w_only_gemm_ref
 
-ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
            "cp_async_zfill", "cp_async_wait_all")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -45,20 +41,7 @@ CASES = [
 
 def _source() -> str:
     """wonly_gemv.cu with its PTX helpers replaced by the shim's and shared memory made block-static."""
-    src = (ROOT / "kernels" / "cuda" / "wonly_gemv.cu").read_text()
-    first = None
-    for name in HELPERS:
-        m = re.search(rf"(template <[^>]*> )?__device__ __forceinline__ [\w:<>]+ {name}\(", src)
-        assert m, f"helper {name} not found in wonly_gemv.cu: update tests/kernels/cuda_host_shim.h"
-        depth, i = 0, src.index("{", m.end())
-        while True:
-            depth += {"{": 1, "}": -1}.get(src[i], 0)
-            i += 1
-            if depth == 0:
-                break
-        first = m.start() if first is None else min(first, m.start())
-        src = src[:m.start()] + f"/* {name}: shim */" + src[i:]
-    src = src[:first] + "EMU_HELPERS\n" + src[first:]
+    src = kernel_source("wonly_gemv.cu", HELPERS)
     src = src.replace("extern __shared__ uint4 xsm[];", "uint4* xsm = emu_smem;")
     return src.replace("__shared__", "static")
 
@@ -118,20 +101,7 @@ extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, 
         launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')}) "
                    f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, grid, smem), 0;\n")
     launch += "  return 1;\n}\n"
-    code = f'#include "{Path(__file__).with_name("cuda_host_shim.h")}"\n' + _source() + launch
-    tag = hashlib.sha1((code + Path(__file__).with_name("cuda_host_shim.h").read_text()).encode()).hexdigest()[:16]
-    so = Path(tempfile.gettempdir()) / f"qtool_simt_host_{tag}.so"
-    if not so.exists():
-        cpp = so.with_suffix(".cpp")
-        cpp.write_text(code)
-        r = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(so), str(cpp)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-    return ctypes.CDLL(str(so))
-
-
-def _u16(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+    return build_library(_source() + launch, "simt_host")
 
 
 def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.Tensor:
@@ -140,8 +110,8 @@ def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.
     mt, slices, u, nseg, smem = ops.simt_plan(w.bits, w.group, w.row_words, m)
     y = np.full((m, w.n), 0x7E01, dtype=np.uint16)  # NaN
     words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data)]
-    groups = [_u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
-    halves = [_u16(x), _u16(bias) if bias is not None else None]
+    groups = [u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
+    halves = [u16(x), u16(bias) if bias is not None else None]
     ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves, y)]
     rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.scales.shape[1],
                       ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
