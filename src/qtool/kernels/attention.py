@@ -49,7 +49,8 @@ class AttentionWorkspace:
 
 def workspace(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int, device) -> AttentionWorkspace:
     """Splits so that about two blocks per SM run (at most max_chunk keys each, at least 32)."""
-    sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", torch.device(device).index) if torch.device(device).type == "cuda" else 1
+    device = torch.device(device)
+    sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", device.index) if device.type == "cuda" else 1
     splits = min(-(-max_len // 32), max(1, -(-2 * sms // (batch * kv_heads))))
     splits = max(splits, -(-max_len // max_chunk(head_dim)))
     chunk = -(-max_len // splits)
