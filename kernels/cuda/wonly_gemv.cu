@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
 // n * (2^b - 1) * max|x'| <= 2^15 for the n products a partial sums; y = 2^e * acc. bf16 x is
 // staged the same way as fp16 (exact down to 2^-(13+L) of the row's max: fp16 holds bf16's 8-bit
 // mantissa there), so both activation types run the same fp16 arithmetic.
-const int SIMT_WARPS = 8, SIMT_R = 2;
+const int SIMT_WARPS = 8, SIMT_R = 2, SIMT_PREFETCH = 4;
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r; }
@@ -332,6 +332,7 @@ template <int N> __device__ __forceinline__ void cp_async_zfill(void* dst, const
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(d), "l"(src), "n"(N), "r"(ok ? N : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 template <int B, int U, int NSEG> struct SimtStage {
   uint4 w[U][SIMT_R];
@@ -339,16 +340,139 @@ template <int B, int U, int NSEG> struct SimtStage {
   Sz s[U][SIMT_R][NSEG];
 };
 
+// Per-row reductions over the block (SIMT_WARPS warps) of NV values per row; every thread gets the results.
+template <int MT, int NV, class Op> __device__ __forceinline__ void block_reduce(float (&v)[NV][MT], Op op) {
+  __shared__ float red[SIMT_WARPS][NV][MT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int a = 0; a < NV; ++a)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int o = 16; o; o >>= 1) v[a][m] = op(a, v[a][m], __shfl_xor_sync(0xffffffffu, v[a][m], o));
+      if (lane == 0) red[warp][a][m] = v[a][m];
+    }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < NV; ++a)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      v[a][m] = red[0][a][m];
+#pragma unroll
+      for (int w = 1; w < SIMT_WARPS; ++w) v[a][m] = op(a, v[a][m], red[w][a][m]);
+    }
+  __syncthreads();
+}
+
+// The ops a decoder runs between a linear's producer and its input, applied to the staged x rows
+// (mv of them; the zero padding stays zero through every op) in the arithmetic of torch's eager ops
+// (fp32 math, each op's result rounded to T), so the fused GEMV sees the values the unfused one would:
+//   gated: x = silu(gate) * up (gate staged as x, up as MT more rows at uint4 offset `up`, ldx = 2K);
+//   norm (its weight staged as one more row at offset `nw`): transformers' RMSNorm,
+//   x = w * T(x * rsqrt(mean(x^2) + eps)) (the mean over K: the padding adds zeros);
+//   abits: per-row asymmetric fake quantization (quant.quantizer.fake_quant_per_token; scale =
+//   max(hi - lo, 1e-8) * (1 / (2^b - 1)) as CUDA torch divides a tensor by a Python number).
+// up and the norm weight are staged in x's swizzle, so the passes walk shared memory linearly (the
+// swizzle is a permutation of k the ops do not see; walked in k order, 8 lanes hit one bank); each
+// pass also gathers the statistics of its output for the next op.
+template <int MT, class T>
+__device__ void simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int mv, int K, int gated, float eps, int abits) {
+  const int THREADS = SIMT_WARPS * 32;
+  auto get = [&](int i, float (&v)[8]) {
+    const uint4 t = xsm[i];
+    const u32 w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = Cvt<T>::load((u16)(w[e >> 1] >> (16 * (e & 1))));
+  };
+  auto put = [&](int i, const float (&v)[8]) {
+    u32 o[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = (u32)Cvt<T>::store(v[2 * e]) | ((u32)Cvt<T>::store(v[2 * e + 1]) << 16);
+    xsm[i] = make_uint4(o[0], o[1], o[2], o[3]);
+  };
+  // f(m, k, v) on every data unit (written back when `write`); stats: sum of squares or (min, max)
+  float st[2][MT];
+  auto each = [&](bool write, auto f) {  // f(m, unit index within the row, v) on every unit of rows < mv
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mv) break;
+      for (int i = threadIdx.x; i < XQ; i += THREADS) {
+        float v[8];
+        get(m * XQ + i, v);
+        f(m, i, v);
+        if (write) put(m * XQ + i, v);
+      }
+    }
+  };
+  auto stats = [&](int m, const float (&v)[8], bool squares) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (squares) {
+        st[0][m] = fmaf(v[e], v[e], st[0][m]);
+      } else {
+        st[0][m] = fminf(st[0][m], v[e]);
+        st[1][m] = fmaxf(st[1][m], v[e]);
+      }
+    }
+  };
+  auto reset = [&]() {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) st[0][m] = st[1][m] = 0.f;  // sums start at 0; quantization ranges include 0
+  };
+  auto rnd = [](float f) { return Cvt<T>::load(Cvt<T>::store(f)); };
+  auto sum = [](int, float a, float b) { return a + b; };
+  auto range = [](int a, float x, float y) { return a ? fmaxf(x, y) : fminf(x, y); };
+  reset();
+  if (gated) {
+    each(true, [&](int m, int i, float (&v)[8]) {
+      float u[8];
+      get(up + m * XQ + i, u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = rnd(rnd(v[e] / (1.f + expf(-v[e]))) * u[e]);
+      if (norm || abits) stats(m, v, norm);
+    });
+  } else if (norm || abits) {
+    each(false, [&](int m, int, float (&v)[8]) { stats(m, v, norm); });
+  }
+  if (norm) {
+    block_reduce<MT, 1>(reinterpret_cast<float(&)[1][MT]>(st), sum);
+    float r[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) r[m] = rsqrtf(st[0][m] / (float)K + eps);
+    reset();
+    each(true, [&](int m, int i, float (&v)[8]) {
+      float w[8];
+      get(nw + i, w);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = rnd(w[e] * rnd(v[e] * r[m]));
+      if (abits) stats(m, v, false);
+    });
+  }
+  if (abits) {
+    block_reduce<MT, 2>(st, range);
+    const float top = (float)((1 << abits) - 1);
+    each(true, [&](int m, int, float (&v)[8]) {
+      const float s = fmaxf(st[1][m] - st[0][m], 1e-8f) * (1.f / top), z = fminf(fmaxf(rintf(-st[0][m] / s), 0.f), top);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (fminf(fmaxf(rintf(v[e] / s) + z, 0.f), top) - z) * s;
+    });
+  }
+  __syncthreads();
+}
+
 // y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n] for x rows m in slices of MT
 // (block b: slice b % S, S = ceil(M / MT)). NSEG = 2 when a chunk spans two groups (C = 16, group 32).
 // Warps own row groups of SIMT_R rows (gw, gw + TW, ...; TW = nblk * SIMT_WARPS); the step sequence
 // (row group, k-step) is flat so the prefetch runs across row groups. Dynamic shared memory:
-// MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K).
-template <int B, int MT, int U, int NSEG, class T>
+// MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K). PRO: with the fused
+// prologue (simt_prologue; its operands staged after x) and the residual add; a separate instantiation
+// so that the plain GEMV's code is exactly the code without them.
+template <int B, int MT, int U, int NSEG, class T, bool PRO>
 __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
     const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
-    const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
-    int M, int N, int K, int row_words, int G, int gshift, int nblk) {
+    const u16* __restrict__ x, const u16* __restrict__ bias, u16* y,
+    int M, int N, int K, int row_words, int G, int gshift, int nblk,
+    int ldx, int gated, const u16* __restrict__ norm_w, float eps, int abits, const u16* res) {
   typedef SimtFmt<B> F;
   const int C = F::C, PIECE = F::PIECE, NP = C / PIECE, R = SIMT_R, THREADS = SIMT_WARPS * 32;
   const int WPS = 4 / NSEG;  // data words per segment (one scale)
@@ -384,6 +508,20 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
   SimtStage<B, U, NSEG> sa, sb;
   load(sa);  // two steps of weights stream in while x is staged
   load(sb);
+  if (PRO) {
+    // and with a prologue, SIMT_PREFETCH more steps into L2 (a cache line per 8 lanes): the prologue's
+    // passes outlast the two register stages, which then left the memory system idle
+    int prg = lrg, pk = lk;
+    for (int t = 0; t < SIMT_PREFETCH; ++t) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (prg < nrg && (lane & 7) == 0)
+            prefetch_l2(wq + (size_t)min(prg * R + r, N - 1) * row_words + min((pk * U + u) * 32 + lane, nchunk - 1) * 4);
+      if (++pk == KI) { pk = 0; prg += TW; }
+    }
+  }
 
   // Stage x rows m0.. swizzled: the x of (chunk c, word j, piece h) is unit ((c/32 * 4 + j) * NP + h) * 32
   // + c%32 of PIECE codes. cp.async puts every copy of the block in flight at once (a register loop
@@ -392,20 +530,37 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
   __shared__ u32 s_amax[SIMT_WARPS][MT];
   __shared__ int s_e[MT];
   const int XQ = XP / 8;  // uint4 per x row
-  for (int i = threadIdx.x; i < MT * XQ; i += THREADS) {
-    const int m = i / XQ, k = (i - m * XQ) * 8, c = k / (4 * C), j = (k / C) & 3;
-    const bool ok = m < mv && k < K;
-    const u16* src = ok ? x + (size_t)(m0 + m) * K + k : x;
+  // the two 8-byte halves of x[m, k .. k + 8) in shared memory (W8: words j and j + 1 are 32 units apart)
+  auto unit = [&](int m, int k, uint2*& lo, uint2*& hi) {
+    const int c = k / (4 * C), j = (k / C) & 3;
     if (PIECE == 8) {
-      cp_async_zfill<16>(xsm + m * XQ + (((c >> 5) * 4 + j) * NP + (k % C) / 8) * 32 + (c & 31), src, ok);
-    } else {  // W8: two 8-byte units, words j and j + 1
-      uint2* dst = reinterpret_cast<uint2*>(xsm + m * XQ) + ((c >> 5) * 4 + j) * 32 + (c & 31);
-      cp_async_zfill<8>(dst, src, ok);
-      cp_async_zfill<8>(dst + 32, src + 4, ok);
+      lo = reinterpret_cast<uint2*>(xsm + m * XQ + (((c >> 5) * 4 + j) * NP + (k % C) / 8) * 32 + (c & 31));
+      hi = lo + 1;
+    } else {
+      lo = reinterpret_cast<uint2*>(xsm + m * XQ) + ((c >> 5) * 4 + j) * 32 + (c & 31);
+      hi = lo + 32;
+    }
+  };
+  // the prologue's operands are staged with x, in x's swizzle: up (gated) as MT more rows, then the norm weight
+  const int up = MT * XQ, nw = (PRO && gated ? 2 : 1) * MT * XQ;  // in uint4 units
+  const int rows = PRO && gated ? 2 * MT : MT, units = rows * XQ + (PRO && norm_w ? XQ : 0);
+  for (int i = threadIdx.x; i < units; i += THREADS) {
+    const int r = i / XQ, k = (i - r * XQ) * 8, m = r < rows ? r % MT : 0;
+    const bool ok = (r < rows ? m < mv : true) && k < K;
+    const u16* src = !ok ? x : r >= rows ? norm_w + k : x + (size_t)(m0 + m) * ldx + (r >= MT ? K : 0) + k;
+    const int base = 2 * (r >= rows ? nw : r >= MT ? up : 0);  // uint2 units
+    uint2 *lo, *hi;
+    unit(m, k, lo, hi);
+    if (PIECE == 8) {
+      cp_async_zfill<16>(lo + base, src, ok);
+    } else {
+      cp_async_zfill<8>(lo + base, src, ok);
+      cp_async_zfill<8>(hi + base, src + 4, ok);
     }
   }
   cp_async_wait_all();
   __syncthreads();
+  if (PRO) simt_prologue<MT, T>(xsm, XQ, up, nw, norm_w != nullptr, mv, K, gated, eps, abits);
   // x is used as fp16 * 2^-e[m]: e from max |x[m]|, taken on the bits (order-preserving for |x|)
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -507,8 +662,12 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
 #pragma unroll
           for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
           const int row = crg * R + r;
-          if (lane == r * MT + m && m < mv && row < N)
-            y[(size_t)(m0 + m) * N + row] = Cvt<T>::store(fmaf(v, __int_as_float((127 + s_e[m]) << 23), bias ? Cvt<T>::load(bias[row]) : 0.f));
+          if (lane == r * MT + m && m < mv && row < N) {
+            const size_t at = (size_t)(m0 + m) * N + row;
+            u16 out = Cvt<T>::store(fmaf(v, __int_as_float((127 + s_e[m]) << 23), bias ? Cvt<T>::load(bias[row]) : 0.f));
+            if (PRO && res) out = Cvt<T>::store(Cvt<T>::load(res[at]) + Cvt<T>::load(out));  // residual + y, as torch adds
+            y[at] = out;
+          }
           acc[r][m] = 0.f;
         }
       ck = 0;
@@ -571,9 +730,10 @@ GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
-#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int);
+#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, false>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(4, 1, 2, 1, F16)
 SIMT(2, 1, 2, 1, F16)
+template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, true>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(3, 1, 2, 1, F16)
 SIMT(8, 1, 2, 1, F16)
 SIMT(4, 4, 2, 1, F16)

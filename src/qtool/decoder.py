@@ -19,7 +19,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.fusion import fused
-from qtool.kernels import attention
+from qtool.kernels import attention, reference
 from qtool.kernels.cuda_runtime import cupy_available
 from qtool.models.adapters import adapter_for
 from qtool.packed.linear import PackedLinear
@@ -37,13 +37,9 @@ def _quantized(x, quant):
 @fused
 def add_rms_norm(h, residual, weight, eps: float, perm, quant):
     """(RMSNorm(residual + h) [gathered at perm, quantized for its consumer], residual + h), in
-    transformers' RMSNorm arithmetic (fp32 statistics, weight applied in the input dtype); perm is
-    an RPTQ norm gather or None."""
+    transformers' RMSNorm arithmetic; perm is an RPTQ norm gather or None."""
     s = h if residual is None else residual + h
-    x = s if perm is None else s.index_select(-1, perm)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return _quantized(weight * xf.to(s.dtype), quant), s
+    return _quantized(reference.rms_norm(s if perm is None else s.index_select(-1, perm), weight, eps), quant), s
 
 
 @fused
@@ -64,12 +60,18 @@ def rotary_store(q, k, v, cos, sin, k_cache, v_cache, positions):
 @fused
 def silu_gate(gate_up, quant):
     """SiLU(gate) * up of a fused gate|up output, quantized for the down projection."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return _quantized(nn.functional.silu(gate) * up, quant)
+    return _quantized(reference.silu_gate(gate_up), quant)
 
 
 def _input_quantization(linear: nn.Module):
     return linear.input_quantization() if isinstance(linear, PackedLinear) else None
+
+
+def _quantizes_itself(linear: nn.Module) -> bool:
+    """Whether a linear quantizes its input per token on its own: the weight-only GEMV then does it
+    on the x it stages, with no quantizer kernel in front (kernels.w_only_gemm)."""
+    quant = _input_quantization(linear)
+    return quant is not None and len(quant[1]) == 1
 
 
 def _call(linear: nn.Module, x, quant):
@@ -156,7 +158,7 @@ class _Block:
         self.gate_up = fuse_linears([self.gate, self.up])
         self.attn_norm = _Norm(get(adapter.attn_norm), self.qkv)
         self.mlp_norm = _Norm(get(adapter.mlp_norm), self.gate_up)
-        self.down_quant = _input_quantization(self.down) if self.gate_up is not None else None
+        self.down_quant = _input_quantization(self.down) if self.gate_up is not None and not _quantizes_itself(self.down) else None
         self.scaling = get(adapter.attn).scaling
 
     def fused_qkv(self, x):

@@ -32,6 +32,7 @@ inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); retu
 template <class P> inline P __ldg(const P* p) { return *p; }
 template <class P> inline P __ldcg(const P* p) { return *p; }
 inline float __expf(float x) { return std::exp2(x * 1.44269504f); }  // the GPU's ex2.approx(x * log2 e)
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 using std::fmaf;
@@ -107,4 +108,5 @@ inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
     if (ok) std::memcpy(dst, src, N); else std::memset(dst, 0, N);                                                     \
   }                                                                                                                    \
   inline void cp_async16(void* dst, const void* src) { std::memcpy(dst, src, 16); }                                    \
+  inline void prefetch_l2(const void*) {}                                                                              \
   inline void cp_async_wait_all() {}

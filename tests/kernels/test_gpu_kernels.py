@@ -11,7 +11,7 @@ import torch
 
 from qtool.kernels import bitplane_gemm, ops, pack_lowbit, pack_wonly, quantize_activations, u8_gemm, w_only_gemm
 from qtool.kernels.cuda_runtime import cupy_available
-from qtool.kernels.reference import bitplane_gemm_ref, quantize_activations_ref, u8_gemm_ref, w_only_gemm_ref
+from qtool.kernels.reference import bitplane_gemm_ref, quantize_activations_ref, u8_gemm_ref, w_only_gemm_ref, wonly_prologue_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -223,3 +223,39 @@ def test_w_only_dispatch():
     for m in (1, s, s + 1, ops.GEMV_MAX_M, ops.GEMV_MAX_M + 1):
         assert ops.w_only_impl(m, w) == ("simt" if m <= s else "mma" if m <= ops.GEMV_MAX_M else "dequant")
     assert ops.w_only_impl(4, packed(65536)) == "mma"  # x of 4 rows would need 512 KiB of shared memory
+
+
+# (bits, m, n, k, group, gated, norm, a_bits, residual, dtype): the decoder's fused GEMVs at LLaMA-7B
+# widths (q|k|v and gate|up take norm + quant, o takes quant + residual, down gate + quant + residual),
+# sliced M, bf16
+FUSED = [
+    (2, 1, 1536, 4096, 64, False, True, 8, False, torch.float16),
+    (2, 1, 4096, 4096, 64, False, False, 8, True, torch.float16),
+    (2, 1, 4096, 11008, 64, True, False, 8, True, torch.float16),
+    (4, 1, 4096, 11008, 128, True, False, None, True, torch.float16),
+    (4, 1, 2048, 4096, 128, False, True, None, False, torch.bfloat16),
+    (2, 7, 1000, 2048, 64, True, True, 4, True, torch.float16),
+    (3, 3, 500, 1024, 32, False, True, 8, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("bits,m,n,k,group,gated,norm,a_bits,residual,dtype", FUSED, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("impl", ["simt", "mma", "dequant"])
+def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residual, dtype, impl):
+    """The SIMT GEMV's fused prologue / residual against the same ops in torch followed by the unfused
+    kernel (equal but for an ulp of the norm's reduction order), and every path against float64."""
+    gen = torch.Generator().manual_seed(bits + m + n + k)
+    w, _, bias = _wonly_case(bits, n, k, group, m, dtype, bits * 5 + m)
+    x = (torch.randn(m, 2 * k if gated else k, generator=gen) * 2).to(dtype).cuda()
+    nrm = ((torch.rand(k, generator=gen) + 0.5).to(dtype).cuda(), 1e-5) if norm else None
+    res = (torch.randn(m, n, generator=gen) * 4).to(dtype).cuda() if residual else None
+    y = w_only_gemm(x, w, bias, out=_nan_out(m, n, dtype), impl=impl, gated=gated, norm=nrm, a_bits=a_bits, residual=res)
+    xp = wonly_prologue_ref(x, gated, nrm, a_bits)
+    expect = w_only_gemm_ref(xp.double(), w, bias, compute_dtype=torch.float64) + (0 if res is None else res.double())
+    _close(y, expect, rtol=1e-2 if dtype == torch.float16 else 2e-2)
+    unfused = w_only_gemm(xp, w, bias, impl=impl)
+    unfused = unfused if res is None else res + unfused
+    if norm:
+        _close(y, unfused.double(), rtol=2e-3)
+    else:
+        assert torch.equal(y, unfused)

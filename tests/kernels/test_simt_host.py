@@ -18,10 +18,10 @@ from host_kernel import kernel_source, u16
 
 from qtool.kernels import ops, pack_wonly
 from qtool.kernels.packing import wonly_row_words
-from qtool.kernels.reference import w_only_gemm_ref
+from qtool.kernels.reference import w_only_gemm_ref, wonly_prologue_ref
 
 HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
-           "cp_async_zfill", "cp_async_wait_all")
+           "cp_async_zfill", "cp_async_wait_all", "prefetch_l2")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 # (bits, dtype, m, n, k, group, nblk, x scale): ragged groups (576/128, 1056/64 -> G = 5, 17), K = 32 * odd,
@@ -72,7 +72,8 @@ def build(configs) -> ctypes.CDLL:
     launch = """
 template <int B, int MT, int U, int NSEG, class T>
 void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
-                int M, int N, int K, int row_words, int G, int gshift, int nblk, int grid, long smem) {
+                int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
+                int abits, const u16* res, int grid, long smem) {
   std::vector<uint4> sm(smem / 16 + 1);
   blockDim.x = 256;
   gridDim.x = grid;
@@ -88,33 +89,39 @@ void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zero
       ts.emplace_back([=] {
         threadIdx.x = t;
         blockIdx.x = b;
-        wonly_gemv_simt<B, MT, U, NSEG, T>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk);
+        wonly_gemv_simt<B, MT, U, NSEG, T, true>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
+                                           nw, eps, abits, res);
       });
     for (auto& t : ts) t.join();
   }
 }
 extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u16* scales,
                         const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
-                        int nblk, int grid, long smem) {
+                        int nblk, int ldx, int gated, const u16* nw, float eps, int abits, const u16* res, int grid, long smem) {
 """
     for b, mt, u, nseg, t in configs:
         launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')}) "
-                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, grid, smem), 0;\n")
+                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
+                   "ldx, gated, nw, eps, abits, res, grid, smem), 0;\n")
     launch += "  return 1;\n}\n"
     return build_library(_source() + launch, "simt_host")
 
 
-def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int) -> torch.Tensor:
-    """y = x @ w_hat^T + bias from the host-run kernel, on a grid of nblk blocks per x slice."""
+def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int, gated: bool = False, norm=None, a_bits=None,
+        residual=None) -> torch.Tensor:
+    """y = x' @ w_hat^T + bias (+ residual) from the host-run kernel, on a grid of nblk blocks per x slice
+    (x' = x after the prologue: see ops.w_only_gemm)."""
     m = x.shape[0]
-    mt, slices, u, nseg, smem = ops.simt_plan(w.bits, w.group, w.row_words, m)
+    mt, slices, u, nseg, _ = ops.simt_plan(w.bits, w.group, w.row_words, m)
+    smem = ops._simt_smem(w, m, gated, norm is not None)
     y = np.full((m, w.n), 0x7E01, dtype=np.uint16)  # NaN
     words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data)]
     groups = [u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
-    halves = [u16(x), u16(bias) if bias is not None else None]
-    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves, y)]
-    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr, m, w.n, w.k, w.row_words, w.scales.shape[1],
-                      ops._gshift(w), nblk, nblk * slices, ctypes.c_long(smem))
+    halves = [u16(t) if t is not None else None for t in (x, bias, None if norm is None else norm[0], residual)]
+    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves[:2], y, *halves[2:])]
+    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr[:7], m, w.n, w.k, w.row_words, w.scales.shape[1],
+                      ops._gshift(w), nblk, x.shape[1], int(gated), ptr[7], ctypes.c_float(norm[1] if norm else 0.0),
+                      a_bits or 0, ptr[8], nblk * slices, ctypes.c_long(smem))
     assert rc == 0, "instantiation not built"
     return torch.from_numpy(y.view(np.int16)).view(x.dtype)
 
@@ -130,3 +137,60 @@ def test_simt_gemv_host(lib, bits, dtype, m, n, k, group, nblk, xs):
     expect = w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64).double()
     err = (out.double() - expect).abs().max().item()
     assert err <= 1e-2 * expect.abs().max().item(), f"max err {err:.3g} vs max |ref| {expect.abs().max().item():.3g}"
+
+
+# (bits, dtype, m, n, k, group, gated, norm, a_bits, residual): each prologue op alone and the decoder's
+# combinations (norm + quant into q|k|v and gate|up, gate + quant + residual into down, quant + residual
+# into o), sliced M, W8's split units, a ragged last k-step
+PROLOGUE_CASES = [
+    (2, torch.float16, 1, 40, 352, 64, True, False, None, False),
+    (4, torch.float16, 1, 24, 576, 128, False, True, None, False),
+    (2, torch.float16, 1, 33, 320, 64, False, False, 8, False),
+    (4, torch.bfloat16, 1, 24, 320, 64, False, False, 4, True),
+    (2, torch.float16, 1, 48, 576, 64, False, True, 8, False),
+    (2, torch.bfloat16, 5, 30, 352, 32, True, False, 8, True),
+    (3, torch.float16, 4, 21, 224, 32, False, True, 4, False),
+    (8, torch.float16, 1, 19, 416, None, True, False, 8, True),
+    (4, torch.float16, 1, 21, 4160, 128, False, True, 8, False),
+]
+
+
+@pytest.fixture(scope="module")
+def prologue_lib():
+    return build(sorted({_config(c[0], c[1], c[2], c[4], c[5]) for c in PROLOGUE_CASES}))
+
+
+def _config(bits, dtype, m, k, group):
+    mt, _, u, nseg, _ = ops.simt_plan(bits, group or k, wonly_row_words(k, bits), m)
+    return bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16"
+
+
+@pytest.mark.parametrize("bits,dtype,m,n,k,group,gated,norm,a_bits,residual", PROLOGUE_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_simt_prologue_host(prologue_lib, bits, dtype, m, n, k, group, gated, norm, a_bits, residual):
+    """The fused ops give the values torch's eager ops give (wonly_prologue_ref, then the product)."""
+    gen = torch.Generator().manual_seed(bits * 7 + m * 3 + n + k)
+    w = _pack(bits, n, k, group, gen)
+    x = (torch.randn(m, 2 * k if gated else k, generator=gen) * 2).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    nrm = ((torch.rand(k, generator=gen) + 0.5).to(dtype), 1e-5) if norm else None
+    res = torch.randn(m, n, generator=gen).to(dtype) * 4 if residual else None
+    out = run(prologue_lib, w, x, bias, 1, gated, nrm, a_bits, res)
+    assert not torch.isnan(out).any(), "kernel left unwritten (NaN) outputs"
+    xp = wonly_prologue_ref(x, gated, nrm, a_bits)
+    assert not torch.equal(xp, x[:, :k]), "the prologue must change x for this test to see it"
+    expect = w_only_gemm_ref(xp.double(), w, bias, compute_dtype=torch.float64).double()
+    if res is not None:
+        expect = expect + res.double()
+    err = (out.double() - expect).abs().max().item()
+    assert err <= 1e-2 * expect.abs().max().item(), f"max err {err:.3g} vs max |ref| {expect.abs().max().item():.3g}"
+    # against the unfused kernel fed torch's prologue output: the same staged values, so the same y
+    # (bit for bit; the norm's sum of squares is summed in another order, so an ulp may differ there)
+    plain = run(prologue_lib, w, xp.contiguous(), bias, 1)
+    if res is not None:
+        plain = res + plain
+    if norm:
+        diff = (out.double() - plain.double()).abs().max().item()
+        assert diff <= 2e-3 * expect.abs().max().item(), f"fused vs unfused: {diff:.3g}"
+    else:
+        assert torch.equal(out, plain)

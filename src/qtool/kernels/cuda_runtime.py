@@ -71,11 +71,12 @@ def handle(fn) -> int:
 
 
 def allow_shared(fn, nbytes: int) -> None:
-    """Let `fn` take `nbytes` of dynamic shared memory (above 48 KiB the driver needs an opt-in)."""
+    """Let `fn` take `nbytes` of dynamic shared memory (where dynamic + static shared memory exceed
+    48 KiB the driver needs an opt-in; asked from 32 KiB so a kernel's static part always fits)."""
     from cupy_backends.cuda.api import driver
 
     h = handle(fn)
-    if nbytes > 48 * 1024 and _SHARED_OPT_IN.get(h, 0) < nbytes:
+    if nbytes > 32 * 1024 and _SHARED_OPT_IN.get(h, 0) < nbytes:
         driver.funcSetAttribute(h, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
         _SHARED_OPT_IN[h] = nbytes
 

@@ -208,9 +208,15 @@ def simt_plan(bits: int, group: int, row_words: int, m: int) -> tuple[int, int, 
     return mt, slices, u, nseg, mt * steps * 32 * u * 4 * codes * 2
 
 
-def _simt_fits(w: WOnlyWeights, m: int) -> bool:
+def _simt_smem(w: WOnlyWeights, m: int, gated: bool = False, norm: bool = False) -> int:
+    """Dynamic shared memory of the SIMT GEMV: x rows, + as many `up` rows (gated), + the norm weight."""
+    mt, smem = simt_plan(w.bits, w.group, w.row_words, m)[::4]
+    return smem * (2 if gated else 1) + (smem // mt if norm else 0)
+
+
+def _simt_fits(w: WOnlyWeights, m: int, gated: bool = False, norm: bool = False) -> bool:
     optin = rt.device_attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin", w.data.device.index)
-    return simt_plan(w.bits, w.group, w.row_words, m)[4] + 1024 <= optin
+    return _simt_smem(w, m, gated, norm) + 1024 <= optin
 
 
 def w_only_impl(m: int, w: WOnlyWeights) -> str:
@@ -223,14 +229,18 @@ def w_only_impl(m: int, w: WOnlyWeights) -> str:
 _SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
 
 
-def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
+def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: bool = False, norm=None, a_bits=None,
+               residual=None) -> None:
     """Persistent-style grid: as many blocks per x slice as stay resident, and the row groups spread
-    evenly over their warps (rounds = ceil(row groups / resident warps)), so no partial last wave."""
+    evenly over their warps (rounds = ceil(row groups / resident warps)), so no partial last wave.
+    gated / norm / a_bits / residual: see w_only_gemm (applied in the kernel)."""
     m = x.shape[0]
-    mt, slices, u, nseg, smem = simt_plan(w.bits, w.group, w.row_words, m)
-    if not _simt_fits(w, m):
+    mt, slices, u, nseg, _ = simt_plan(w.bits, w.group, w.row_words, m)
+    smem = _simt_smem(w, m, gated, norm is not None)
+    if not _simt_fits(w, m, gated, norm is not None):
         raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}>")
+    pro = gated or norm is not None or bool(a_bits) or residual is not None
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {str(pro).lower()}>")
     key = (rt.handle(fn), smem)
     if key not in _SIMT_OCCUPANCY:
         _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, SIMT_THREADS, smem)
@@ -243,7 +253,9 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     wptrs, gshift = _wonly_args(w)
     rt.launch(fn, (nblk * slices,), (SIMT_THREADS,),
               (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-               rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk)), shared_mem=smem)
+               rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk), rt.i32(x.stride(0)), rt.i32(int(gated)),
+               rt.ptr(None if norm is None else norm[0]), rt.f32(0.0 if norm is None else norm[1]), rt.i32(a_bits or 0),
+               rt.ptr(residual)), shared_mem=smem)
 
 
 def mma_plan(bits: int, m: int) -> tuple[int, bool]:
@@ -262,29 +274,58 @@ def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
                rt.i32(w.scales.shape[1]), rt.i32(gshift)))
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its data is 16-byte aligned (the kernels' vector loads), else an aligned copy."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                impl: str | None = None) -> torch.Tensor:
-    """y = x @ w_hat^T + bias for fp16/bf16 x [M, K]. On the GPU, `impl` (default: w_only_impl) picks
-    the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_MAX_M), or one
-    dequantization to x's dtype followed by torch (cuBLAS) matmul ('dequant')."""
-    x = _check_x(x, w.k)
+                impl: str | None = None, *, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+                a_bits: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x' @ w_hat^T + bias (+ residual) for fp16/bf16 x [M, K]. On the GPU, `impl` (default:
+    w_only_impl) picks the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_MAX_M),
+    or one dequantization to x's dtype followed by torch (cuBLAS) matmul ('dequant').
+
+    x' is x after the ops a decoder runs in front of a linear (reference.wonly_prologue_ref): `gated`
+    (x is [M, 2K] gate|up, x' = SiLU(gate) * up), `norm` = (weight, eps) (RMSNorm), `a_bits`
+    (per-token fake quantization); `residual` [M, N] is added to y as torch adds it. The SIMT GEMV
+    applies them to the x it stages and to y as it stores it (one launch instead of up to six); the
+    other paths run the reference ops around the product."""
+    x = _check_x(x, 2 * w.k if gated else w.k)
     if impl is not None and impl not in WONLY_IMPLS:
         raise QtoolError(f"impl must be one of {WONLY_IMPLS} or None, got {impl!r}")
+    if residual is not None and (residual.shape != (x.shape[0], w.n) or residual.dtype != x.dtype):
+        raise QtoolError(f"residual must be [{x.shape[0]}, {w.n}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+    prologue = gated or norm is not None or bool(a_bits)
     if not rt.on_gpu(x, w.data):
-        return _into(ref.w_only_gemm_ref(x, w, bias), out)
+        y = ref.w_only_gemm_ref(ref.wonly_prologue_ref(x, gated, norm, a_bits), w, bias)
+        return _into(y if residual is None else residual + y, out)
     rt.type_tag(x.dtype)  # fp16/bf16 only
     m = x.shape[0]
-    impl = impl or w_only_impl(m, w)
+    if impl is None:
+        impl = w_only_impl(m, w)
+        if impl == "simt" and not _simt_fits(w, m, gated, norm is not None):  # no room for the prologue's operands
+            impl = "mma" if m <= GEMV_MAX_M else "dequant"
     if impl == "mma" and m > GEMV_MAX_M:
         raise QtoolError(f"the mma GEMV takes M <= {GEMV_MAX_M}, got M={m}: use impl='simt' or 'dequant'")
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
+    if impl != "simt":
+        if prologue:
+            x = ref.wonly_prologue_ref(x, gated, norm, a_bits)
+        y = _output(m, w.n, x.dtype, x.device, None if residual is not None else out)
+        if impl == "dequant":
+            torch.matmul(x, dequantize_weights(w, x.dtype).T, out=y)
+            if bias is not None:
+                y.add_(bias)
+        elif m:
+            _mma_gemv(_aligned(x), w, bias, y)
+        return y if residual is None else _into(residual + y, out)
     y = _output(m, w.n, x.dtype, x.device, out)
-    if impl == "dequant":
-        torch.matmul(x, dequantize_weights(w, x.dtype).T, out=y)
-        return y.add_(bias) if bias is not None else y
-    if x.data_ptr() % 16:
-        x = x.clone()
+    if norm is not None:
+        norm = (_aligned(norm[0].to(device=x.device, dtype=x.dtype).contiguous()), float(norm[1]))
+    if residual is not None:
+        residual = residual.contiguous()
     if m:
-        (_simt_gemv if impl == "simt" else _mma_gemv)(x, w, bias, y)
+        _simt_gemv(_aligned(x), w, bias, y, gated, norm, a_bits, residual)
     return y

@@ -16,6 +16,7 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import Segments
+from qtool.quant.quantizer import fake_quant_per_token
 
 
 def quantize_codes(x: torch.Tensor, bits: int, seg: Segments):
@@ -117,3 +118,27 @@ def w_only_gemm_ref(x: torch.Tensor, w: WOnlyWeights, bias=None, compute_dtype=t
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm arithmetic: fp32 statistics, the weight applied in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a fused gate|up output [..., 2I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def wonly_prologue_ref(x: torch.Tensor, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+                       a_bits: int | None = None) -> torch.Tensor:
+    """What the fused weight-only GEMV applies to x before the product, in torch's eager ops (the
+    kernel rounds the same way): SiLU gate, then RMSNorm (weight, eps), then per-token fake quantization."""
+    if gated:
+        x = silu_gate(x)
+    if norm is not None:
+        x = rms_norm(x, norm[0].to(x.dtype), norm[1])
+    return fake_quant_per_token(x, a_bits) if a_bits else x

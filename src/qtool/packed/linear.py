@@ -209,12 +209,15 @@ class PackedLinear(nn.Module):
         # stage's arithmetic on any device: the 16-bit kernels would round activations and scales
         exact = x.dtype == torch.float32 and "scales" in self._buffers
         kernel = x.is_cuda and kernels.cuda_runtime.cupy_available() and not exact
-        if self.a_bits < 16 and not input_quantized and not (kernel and self.layout != "wonly"):
-            # (the u8 / bit-plane kernels quantize to integers); eager where exactness is the point:
-            # compiled, the division may round differently and flip a code
-            quantize = fake_quant_clusters if exact else _quantize
-            x2 = quantize(x2, self.a_bits, self._in_sizes)
-        y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
+        quantize = self.a_bits < 16 and not input_quantized
+        if kernel and self.layout == "wonly" and quantize and len(self._in_sizes) == 1:
+            y = self._forward_kernel(x2, a_bits=self.a_bits)  # per token: the GEMV quantizes (w_only_gemm)
+        elif kernel and (self.layout != "wonly" or not quantize):  # the u8 / bit-plane kernels quantize to integers
+            y = self._forward_kernel(x2)
+        else:
+            if quantize:  # eager where exactness is the point: compiled, the division may round differently
+                x2 = (fake_quant_clusters if exact else _quantize)(x2, self.a_bits, self._in_sizes)
+            y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
             if self._kv_quant is not None:
@@ -228,13 +231,14 @@ class PackedLinear(nn.Module):
             self._dense = self.dequantized().to(x.device)  # kept: the reference path trades memory for speed
         return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_kernel(self, x: torch.Tensor, a_bits: int | None = None) -> torch.Tensor:
+        """The layer's kernel on 16-bit activations (a_bits: weight-only, quantize x per token first)."""
         dtype = x.dtype
         if dtype not in (torch.float16, torch.bfloat16):
             x = x.half()  # the kernels compute on 16-bit activations
         w = self._kernel_weights()
         if self.layout == "wonly":
-            y = kernels.w_only_gemm(x, w, self.bias)
+            y = kernels.w_only_gemm(x, w, self.bias, a_bits=a_bits)
         else:
             y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
         return y.to(dtype)

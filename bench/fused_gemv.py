@@ -1,0 +1,107 @@
+"""The weight-only SIMT GEMV with its fused decoder ops against the same ops unfused, per LLaMA-2-7B
+linear at batch 1: the plain GEMV on a ready input, the fused GEMV (norm / SiLU gate / input
+quantization / residual add inside it), and the unfused chain (the Decoder's compiled norm or gate
+kernels with the quantization, the plain GEMV, a residual add). Each in a CUDA graph (as the Decoder
+replays its step), CUDA events, warm-up, median of --reps, the weights rotated over enough copies to
+exceed L2.
+
+Usage: PYTHONPATH=src python3 bench/fused_gemv.py --bits 2 --a-bits 8 --out bench/results/fused_gemv_h100.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from qtool.decoder import add_rms_norm, silu_gate
+from qtool.kernels import pack_wonly, w_only_gemm
+
+# (name, N, K, op in front: norm / gated / none, residual add after)
+SHAPES = [("qkv", 12288, 4096, "norm", False), ("o", 4096, 4096, "none", True),
+          ("gate_up", 22016, 4096, "norm", False), ("down", 4096, 11008, "gated", True)]
+L2_BYTES = 50 << 20
+
+
+def median_us(fn, reps: int, calls: int = 20) -> float:
+    """GPU time per call of fn: a CUDA graph of `calls` calls (no host launch cost), replayed reps times."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--a-bits", type=int, default=8, help="activation bits (16: none)")
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.float16
+    a_bits = args.a_bits if args.a_bits < 16 else None
+    rows = []
+    for name, n, k, op, res in SHAPES:
+        nbytes = n * k * args.bits // 8
+        copies = max(2, -(-2 * L2_BYTES // nbytes))
+        ws = [pack_wonly(torch.randint(0, 2**args.bits, (n, k), device=dev), args.bits, torch.rand(n, k // args.group, device=dev) * 0.01,
+                         torch.full((n, k // args.group), 2.0**(args.bits - 1), device=dev), args.group) for _ in range(copies)]
+        kin = 2 * k if op == "gated" else k
+        x = torch.randn(1, kin, device=dev, dtype=dt)
+        h = torch.randn(1, k, device=dev, dtype=dt)
+        resid = torch.randn(1, n, device=dev, dtype=dt) if res else None
+        norm = (torch.rand(k, device=dev, dtype=dt) + 0.5, 1e-5) if op == "norm" else None
+        quant = None if a_bits is None else (a_bits, (k,))
+        it = iter(range(1 << 30))
+
+        def w():
+            return ws[next(it) % copies]
+
+        xin = x[:, :k].contiguous()
+
+        def plain():
+            w_only_gemm(xin, w())
+
+        def fused():
+            w_only_gemm(x, w(), gated=op == "gated", norm=norm, a_bits=a_bits, residual=resid)
+
+        def unfused():
+            if op == "norm":
+                xi, _ = add_rms_norm(x, h, norm[0], norm[1], None, quant)
+            elif op == "gated":
+                xi = silu_gate(x, quant)
+            else:
+                xi = x if quant is None else silu_gate(torch.cat([x, x], -1), quant)  # a quantizer kernel's cost
+            y = w_only_gemm(xi, w())
+            if resid is not None:
+                y = resid + y
+
+        row = {"linear": name, "n": n, "k": k, "bits": args.bits, "a_bits": args.a_bits, "op": op, "residual": res,
+               "plain_us": round(median_us(plain, args.reps), 2), "fused_us": round(median_us(fused, args.reps), 2),
+               "unfused_us": round(median_us(unfused, args.reps), 2)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
