@@ -46,6 +46,48 @@ def median_us(fn, reps: int, calls: int = 20) -> float:
     return statistics.median(times)
 
 
+def measure(name: str, n: int, k: int, op: str, res: bool, bits: int, group: int, a_bits: int | None, reps: int) -> dict:
+    """plain / fused / unfused GPU time of one linear."""
+    dev, dt = "cuda", torch.float16
+    nbytes = n * k * bits // 8
+    copies = max(2, -(-2 * L2_BYTES // nbytes))
+    ws = [pack_wonly(torch.randint(0, 2**bits, (n, k), device=dev), bits, torch.rand(n, k // group, device=dev) * 0.01,
+                     torch.full((n, k // group), 2.0**(bits - 1), device=dev), group) for _ in range(copies)]
+    kin = 2 * k if op == "gated" else k
+    x = torch.randn(1, kin, device=dev, dtype=dt)
+    h = torch.randn(1, k, device=dev, dtype=dt)
+    resid = torch.randn(1, n, device=dev, dtype=dt) if res else None
+    norm = (torch.rand(k, device=dev, dtype=dt) + 0.5, 1e-5) if op == "norm" else None
+    quant = None if a_bits is None else (a_bits, (k,))
+    it = iter(range(1 << 30))
+
+    def w():
+        return ws[next(it) % copies]
+
+    xin = x[:, :k].contiguous()
+
+    def plain():
+        w_only_gemm(xin, w())
+
+    def fused():
+        w_only_gemm(x, w(), gated=op == "gated", norm=norm, a_bits=a_bits, residual=resid)
+
+    def unfused():
+        if op == "norm":
+            xi, _ = add_rms_norm(x, h, norm[0], norm[1], None, quant)
+        elif op == "gated":
+            xi = silu_gate(x, quant)
+        else:
+            xi = x if quant is None else silu_gate(torch.cat([x, x], -1), quant)  # a quantizer kernel's cost
+        y = w_only_gemm(xi, w())
+        if resid is not None:
+            y = resid + y
+
+    return {"linear": name, "n": n, "k": k, "bits": bits, "a_bits": a_bits or 16, "op": op, "residual": res,
+           "plain_us": round(median_us(plain, reps), 2), "fused_us": round(median_us(fused, reps), 2),
+           "unfused_us": round(median_us(unfused, reps), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, default=2)
@@ -54,53 +96,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    dev, dt = "cuda", torch.float16
     a_bits = args.a_bits if args.a_bits < 16 else None
     rows = []
     for name, n, k, op, res in SHAPES:
-        nbytes = n * k * args.bits // 8
-        copies = max(2, -(-2 * L2_BYTES // nbytes))
-        ws = [pack_wonly(torch.randint(0, 2**args.bits, (n, k), device=dev), args.bits, torch.rand(n, k // args.group, device=dev) * 0.01,
-                         torch.full((n, k // args.group), 2.0**(args.bits - 1), device=dev), args.group) for _ in range(copies)]
-        kin = 2 * k if op == "gated" else k
-        x = torch.randn(1, kin, device=dev, dtype=dt)
-        h = torch.randn(1, k, device=dev, dtype=dt)
-        resid = torch.randn(1, n, device=dev, dtype=dt) if res else None
-        norm = (torch.rand(k, device=dev, dtype=dt) + 0.5, 1e-5) if op == "norm" else None
-        quant = None if a_bits is None else (a_bits, (k,))
-        it = iter(range(1 << 30))
-
-        def w():
-            return ws[next(it) % copies]
-
-        xin = x[:, :k].contiguous()
-
-        def plain():
-            w_only_gemm(xin, w())
-
-        def fused():
-            w_only_gemm(x, w(), gated=op == "gated", norm=norm, a_bits=a_bits, residual=resid)
-
-        def unfused():
-            if op == "norm":
-                xi, _ = add_rms_norm(x, h, norm[0], norm[1], None, quant)
-            elif op == "gated":
-                xi = silu_gate(x, quant)
-            else:
-                xi = x if quant is None else silu_gate(torch.cat([x, x], -1), quant)  # a quantizer kernel's cost
-            y = w_only_gemm(xi, w())
-            if resid is not None:
-                y = resid + y
-
-        row = {"linear": name, "n": n, "k": k, "bits": args.bits, "a_bits": args.a_bits, "op": op, "residual": res,
-               "plain_us": round(median_us(plain, args.reps), 2), "fused_us": round(median_us(fused, args.reps), 2),
-               "unfused_us": round(median_us(unfused, args.reps), 2)}
+        row = measure(name, n, k, op, res, args.bits, args.group, a_bits, args.reps)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:
         with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,23 @@ references run in float64 on the same packed operands. One output rounding is 2^
 import pytest
 import torch
 
-from qtool.kernels import bitplane_gemm, ops, pack_lowbit, pack_wonly, quantize_activations, u8_gemm, w_only_gemm
+from qtool.kernels import (
+    bitplane_gemm,
+    ops,
+    pack_lowbit,
+    pack_wonly,
+    quantize_activations,
+    u8_gemm,
+    w_only_gemm,
+)
 from qtool.kernels.cuda_runtime import cupy_available
-from qtool.kernels.reference import bitplane_gemm_ref, quantize_activations_ref, u8_gemm_ref, w_only_gemm_ref, wonly_prologue_ref
+from qtool.kernels.reference import (
+    bitplane_gemm_ref,
+    quantize_activations_ref,
+    u8_gemm_ref,
+    w_only_gemm_ref,
+    wonly_prologue_ref,
+)
 
 pytestmark = [
     pytest.mark.gpu,
