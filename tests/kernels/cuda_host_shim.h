@@ -49,6 +49,21 @@ struct EmuWarp {
 std::barrier<>* emu_block_bar;
 EmuWarp* emu_warps;
 inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+// Run one block: `threads` std::threads (warps of 32 with their shuffle barriers), body(t) on each
+// with threadIdx.x = t; blockIdx and emu_smem are the caller's to set (inside body / before).
+template <class F> void emu_block(unsigned threads, F body) {
+  std::barrier<> bar(threads);
+  emu_block_bar = &bar;
+  std::unique_ptr<EmuWarp[]> warps(new EmuWarp[threads / 32]);
+  emu_warps = warps.get();
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < threads; ++t)
+    ts.emplace_back([=] {
+      threadIdx.x = t;
+      body();
+    });
+  for (auto& t : ts) t.join();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) {}  // lanes only meet in shuffles here
 // a 4-byte value of lane ^ o; with width < 32, a lane past the caller's width-lane segment gives its own value
 template <class V> inline V __shfl_xor_sync(unsigned, V val, int o, int width = 32) {

@@ -64,19 +64,11 @@ int emu_launch(const u16* qkv, int qkv_stride, const u16* cosv, const u16* sinv,
     const int blk = reverse ? nblk - 1 - n : n;
     std::memset(sm.data(), 0xff, sm.size());  // NaN as fp16, bf16 and fp32
     emu_smem = reinterpret_cast<uint4*>(sm.data());
-    std::barrier<> bar(128);
-    emu_block_bar = &bar;
-    std::unique_ptr<EmuWarp[]> warps(new EmuWarp[4]);
-    emu_warps = warps.get();
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < 128; ++t)
-      ts.emplace_back([=] {
-        threadIdx.x = t;
-        blockIdx.x = blk % splits;
-        blockIdx.y = blk / splits;
-        decode_attention<D, G, T>(qkv, qkv_stride, cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale);
-      });
-    for (auto& t : ts) t.join();
+    emu_block(128, [=] {
+      blockIdx.x = blk % splits;
+      blockIdx.y = blk / splits;
+      decode_attention<D, G, T>(qkv, qkv_stride, cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale);
+    });
     for (long i = smem; i < (long)sm.size(); ++i)
       if (sm[i] != 0xff) return 2;  // written past the dynamic shared memory
   }

@@ -80,19 +80,11 @@ void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zero
   for (int b = 0; b < grid; ++b) {
     std::fill(sm.begin(), sm.end(), uint4{0x7e017e01u, 0x7e017e01u, 0x7e017e01u, 0x7e017e01u});  // fp16 NaN
     emu_smem = sm.data();
-    std::barrier<> bar(256);
-    emu_block_bar = &bar;
-    std::unique_ptr<EmuWarp[]> warps(new EmuWarp[8]);
-    emu_warps = warps.get();
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < 256; ++t)
-      ts.emplace_back([=] {
-        threadIdx.x = t;
-        blockIdx.x = b;
-        wonly_gemv_simt<B, MT, U, NSEG, T, true>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
-                                           nw, eps, abits, res);
-      });
-    for (auto& t : ts) t.join();
+    emu_block(256, [=] {
+      blockIdx.x = b;
+      wonly_gemv_simt<B, MT, U, NSEG, T, true>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
+                                               nw, eps, abits, res);
+    });
   }
 }
 extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u16* scales,
