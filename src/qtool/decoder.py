@@ -67,13 +67,6 @@ def _input_quantization(linear: nn.Module):
     return linear.input_quantization() if isinstance(linear, PackedLinear) else None
 
 
-def _quantizes_itself(linear: nn.Module) -> bool:
-    """Whether a linear quantizes its input per token on its own: the weight-only GEMV then does it
-    on the x it stages, with no quantizer kernel in front (kernels.w_only_gemm)."""
-    quant = _input_quantization(linear)
-    return quant is not None and len(quant[1]) == 1
-
-
 def _call(linear: nn.Module, x, quant):
     return linear(x, input_quantized=True) if quant is not None else linear(x)
 
@@ -158,7 +151,10 @@ class _Block:
         self.gate_up = fuse_linears([self.gate, self.up])
         self.attn_norm = _Norm(get(adapter.attn_norm), self.qkv)
         self.mlp_norm = _Norm(get(adapter.mlp_norm), self.gate_up)
-        self.down_quant = _input_quantization(self.down) if self.gate_up is not None and not _quantizes_itself(self.down) else None
+        # a per-token down_proj quantizes in its GEMV: cheaper than the compiled quantizer after the gate
+        # (four kernels there: bench/results/profile_decode_h100.jsonl)
+        per_token = isinstance(self.down, PackedLinear) and self.down.quantizes_per_token()
+        self.down_quant = _input_quantization(self.down) if self.gate_up is not None and not per_token else None
         self.scaling = get(adapter.attn).scaling
 
     def fused_qkv(self, x):

@@ -202,6 +202,11 @@ class PackedLinear(nn.Module):
         or where the kernel quantizes to integers itself (u8, planes)."""
         return (self.a_bits, self._in_sizes) if self.a_bits < 16 and self.layout == "wonly" else None
 
+    def quantizes_per_token(self) -> bool:
+        """Whether the input quantization is one range per token on weight-only weights: the GEMV
+        then applies it itself, on the x it stages (kernels.w_only_gemm(a_bits=...))."""
+        return self.input_quantization() is not None and len(self._in_sizes) == 1
+
     def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -210,14 +215,14 @@ class PackedLinear(nn.Module):
         exact = x.dtype == torch.float32 and "scales" in self._buffers
         kernel = x.is_cuda and kernels.cuda_runtime.cupy_available() and not exact
         quantize = self.a_bits < 16 and not input_quantized
-        if kernel and self.layout == "wonly" and quantize and len(self._in_sizes) == 1:
-            y = self._forward_kernel(x2, a_bits=self.a_bits)  # per token: the GEMV quantizes (w_only_gemm)
-        elif kernel and (self.layout != "wonly" or not quantize):  # the u8 / bit-plane kernels quantize to integers
-            y = self._forward_kernel(x2)
+        # on the kernels, the u8 / bit-plane GEMMs quantize to integers and the weight-only GEMV per token
+        in_kernel = kernel and (self.layout != "wonly" or self.quantizes_per_token())
+        if quantize and not in_kernel:  # eager where exactness is the point: compiled, the division may round differently
+            x2 = (fake_quant_clusters if exact else _quantize)(x2, self.a_bits, self._in_sizes)
+        if kernel:
+            y = self._forward_kernel(x2, a_bits=self.a_bits if quantize and in_kernel else None)
         else:
-            if quantize:  # eager where exactness is the point: compiled, the division may round differently
-                x2 = (fake_quant_clusters if exact else _quantize)(x2, self.a_bits, self._in_sizes)
-            y = self._forward_kernel(x2) if kernel else self._forward_reference(x2)
+            y = self._forward_reference(x2)
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
             if self._kv_quant is not None:
@@ -232,7 +237,7 @@ class PackedLinear(nn.Module):
         return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _forward_kernel(self, x: torch.Tensor, a_bits: int | None = None) -> torch.Tensor:
-        """The layer's kernel on 16-bit activations (a_bits: weight-only, quantize x per token first)."""
+        """The layer's kernel on 16-bit activations (a_bits: the weight-only GEMV quantizes x per token)."""
         dtype = x.dtype
         if dtype not in (torch.float16, torch.bfloat16):
             x = x.half()  # the kernels compute on 16-bit activations
