@@ -11,6 +11,7 @@ Usage: PYTHONPATH=src python3 bench/fused_gemv.py --bits 2 --a-bits 8 --out benc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -59,10 +60,10 @@ def measure(name: str, n: int, k: int, op: str, res: bool, bits: int, group: int
     resid = torch.randn(1, n, device=dev, dtype=dt) if res else None
     norm = (torch.rand(k, device=dev, dtype=dt) + 0.5, 1e-5) if op == "norm" else None
     quant = None if a_bits is None else (a_bits, (k,))
-    it = iter(range(1 << 30))
+    rotation = itertools.cycle(ws)
 
     def w():
-        return ws[next(it) % copies]
+        return next(rotation)
 
     xin = x[:, :k].contiguous()
 
