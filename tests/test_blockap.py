@@ -145,7 +145,9 @@ def test_eval_quantizes_with_the_learned_scales(tmp_path):
     spec = parse_spec("W3A16-g32")
     linear = adapter.linears(adapter.layers(model)[1])["mlp.down_proj"]
     scale, zero = qparams[qparam_key(1, "mlp.down_proj", "scale")], qparams[qparam_key(1, "mlp.down_proj", "zero")]
-    expected = dequantize_weight(quantize_weight(linear.weight.detach(), spec, scale, zero)[0], scale, zero, spec.group)
+    codes, scale16, zero = quantize_weight(linear.weight.detach(), spec, scale, zero)
+    assert torch.equal(scale16, scale.half().float())  # learned scales are used at fp16 precision
+    expected = dequantize_weight(codes, scale16, zero, spec.group)
     apply_spec(model, adapter, spec, qparams=qparams)
     assert torch.equal(linear.weight.detach(), expected)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qtool import kernels
 from qtool.calibrate import CalibrateParams, calibrate
 from qtool.checkpoint import open_stage
 from qtool.errors import QtoolError
@@ -17,7 +18,7 @@ from qtool.pack import PackParams, pack
 from qtool.packed.linear import PackedLinear, choose_layout
 from qtool.packed.model import load_packed
 from qtool.quant.fakequant import apply_spec
-from qtool.quant.quantizer import dequantize_weight, quantize_weight
+from qtool.quant.quantizer import dequantize_weight, fake_quant_weight, quantize_weight
 from qtool.quant.reorder import cluster_bounds
 from qtool.reorder import ReorderParams, reorder
 from qtool.runtime import load, open_source
@@ -95,6 +96,31 @@ def test_eval_of_packed_checkpoint_equals_stage_eval(tiny_dir, tmp_path):
     assert packed["packed_bytes"]["linear_bytes"] > 0
     with pytest.raises(QtoolError, match="drop --spec"):
         evaluate(EvalParams(str(tmp_path / "p"), spec="W4A16", **common), device="cpu")
+
+
+_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _GPU])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("spec", ["W2A16-g64", "W4A16-g128", "W4A16"])
+def test_kernel_dequantization_is_the_stage_16_bit_weights(spec, dtype, device):
+    """At large M a weight-only layer dequantizes to x's dtype (wonly_dequant) and calls cuBLAS: its
+    weights must be the stage's bit for bit, as `qtool eval --dtype` makes them (fake quantization
+    in fp32, then a cast). The kernel computes fp16 (q - z), exact, times the fp16 scale in fp16
+    (HMUL2) or in fp32 then rounds to bf16: one rounding of the exact product, emulated below."""
+    torch.manual_seed(0)
+    # rows shifted off 0 give groups on one side of it, hence |q - z| = 3 at W2 (inexact products)
+    w = torch.randn(96, 512) * 0.05 + torch.linspace(-0.1, 0.1, 96)[:, None]
+    s = parse_spec(spec)
+    stage = fake_quant_weight(w, s).to(dtype)
+    linear = PackedLinear.from_codes(*quantize_weight(w, s), s, "wonly").to(device).to_kernel_form()
+    g = torch.arange(w.shape[1]) // (s.group or w.shape[1])
+    codes, zeros, scales = linear.codes().cpu(), linear.zeros.cpu().long(), linear.scales16.cpu()
+    emulated = ((codes - zeros[:, g]).float() * scales.float()[:, g]).to(dtype)
+    kernel = kernels.dequantize_weights(linear._kernel_weights(), dtype).cpu()
+    for got in (emulated, kernel):
+        assert torch.equal(got.view(torch.int16), stage.view(torch.int16))
 
 
 def test_generate_matches_the_stage(tiny_dir, tmp_path):
@@ -178,15 +204,15 @@ def test_exports_hold_the_stage_weights(tiny_dir, tmp_path, fmt):
     assert config["quant_method"] == fmt and (config.get("bits") or 4) == 4
     tensors = load_file(tmp_path / "e" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
-    # every block linear decodes (independent readers of test_exports) to the stage's weights with
-    # the scales rounded to fp16, the one change the formats make
+    # every block linear decodes (independent readers of test_exports) exactly to the stage's weights:
+    # the formats store fp16 scales, which the stage's scales already are
     float_model, _ = load(open_source(str(tiny_dir)))
     for name, linear in float_model.model.layers.named_modules():
         if isinstance(linear, torch.nn.Linear):
             prefix = f"model.layers.{name}."
             stored = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             codes, scale, zero = quantize_weight(linear.weight, parse_spec(spec))
-            expect = dequantize_weight(codes, scale.half().float(), zero, 32)
+            expect = dequantize_weight(codes, scale, zero, 32)
             assert torch.equal(DECODE[fmt](stored, 4, 32, fmt == "compressed-tensors").float(), expect), name
     with pytest.raises(QtoolError, match="weight-only"):
         pack(PackParams(str(tiny_dir), str(tmp_path / "x"), spec="W4A8", format=fmt))
@@ -197,7 +223,7 @@ def test_exports_hold_the_stage_weights(tiny_dir, tmp_path, fmt):
 
 def test_compressed_tensors_export_loads_in_transformers(tiny_dir, tmp_path):
     """transformers (through the compressed-tensors library) reads the export back to the stage's
-    model, up to the fp16 rounding of the scales."""
+    model, up to the fp16 rounding of the weights (the library dequantizes in the scales' dtype)."""
     pytest.importorskip("compressed_tensors", minversion="0.18")
     from transformers import AutoModelForCausalLM
 

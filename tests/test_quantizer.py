@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from qtool.errors import QtoolError
 from qtool.quant.quantizer import (
     dequantize_weight,
     fake_quant_per_token,
@@ -32,7 +34,7 @@ def test_symmetric_and_bit_balance_levels():
     assert zero.item() == 2.0 and scale.item() == 1.5
     assert (codes.int() - 2).tolist() == [[-2, -1, 0, 1]]
     codes4, scale4, zero4 = quantize_weight(w, parse_spec("W4A16-sym"))
-    assert zero4.item() == 8 and torch.isclose(scale4, torch.tensor([[3.0 / 7]]))
+    assert zero4.item() == 8 and scale4.item() == torch.tensor(3.0 / 7).half().item()  # fp16 scales
 
 
 def test_groups_match_float64_reference_with_ragged_tail():
@@ -47,11 +49,28 @@ def test_groups_match_float64_reference_with_ragged_tail():
             lo, hi = min(g.min().item(), 0.0), max(g.max().item(), 0.0)
             s = (hi - lo) / 7
             z = min(max(round(-lo / s), 0), 7)
+            s = torch.tensor(s).half().item()  # the zero point from the range, codes with the fp16 scale
             q = torch.clamp(torch.round(g / s) + z, 0, 7)
             ref[r, start : start + 64] = (q - z) * s
     assert torch.allclose(got, ref, atol=1e-6)
     codes, scale, _ = quantize_weight(w, spec)
     assert scale.shape == (5, 4) and int(codes.max()) <= 7
+
+
+def test_weight_scales_are_fp16_values_and_codes_use_them():
+    torch.manual_seed(0)
+    w = torch.randn(8, 256) * 0.02
+    spec = parse_spec("W4A16-g64")
+    raw, _ = minmax_qparams(*(w.reshape(8, 4, 64).aminmax(dim=-1)), 16, sym=False)
+    assert not torch.equal(raw, raw.half().float())  # RTN ranges give scales fp16 cannot hold
+    codes, scale, zero = quantize_weight(w, spec)
+    assert torch.equal(scale, raw.half().float())
+    assert torch.equal(codes, quantize_weight(w, spec, scale, zero)[0])  # a stored scale gives the same codes
+    zeros = torch.zeros(1, 64)  # an all-zero group: a positive scale (EPS is below fp16's range), weights stay 0
+    codes, scale, zero = quantize_weight(zeros, spec)
+    assert scale.item() == 2.0**-24 and torch.equal(dequantize_weight(codes, scale, zero, 64), zeros)
+    with pytest.raises(QtoolError, match="overflow float16"):
+        quantize_weight(torch.full((1, 64), 1e6), spec)
 
 
 def test_per_token_activation_quantization():

@@ -3,9 +3,9 @@ checkpoint formats, so that transformers, vLLM and GPTQModel load qtool's quanti
 
 Input per linear is qtool's representation (qtool.quant.quantizer): codes [N, K] in
 [0, 2^bits - 1], fp32 scale [N, G] and integer-valued fp32 zero [N, G], G = ceil(K / group)
-(group 0: one group per row). Both formats keep the codes and zero points exactly; the only change
-is that scales are stored as fp16, so an exported weight equals qtool's dequantization with
-fp16-rounded scales.
+(group 0: one group per row). Both formats keep the codes and zero points exactly and store the
+scales as fp16, the values qtool's weight scales hold (quant.quantizer.fp16_scale), so an exported
+weight equals qtool's dequantization.
 
 Both formats pack values as one little-endian bit stream per packed row: value i holds bits
 i*bits .. i*bits + bits - 1, so 3-bit values straddle 32-bit words (word 0: values 0-9 and the low

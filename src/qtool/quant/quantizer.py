@@ -1,18 +1,21 @@
 """Uniform integer quantization shared by every method.
 
 One representation everywhere: unsigned integer codes q in [0, levels-1], an integer zero point z
-in the same range, and an fp32 scale s; the value is (q - z) * s. Symmetric quantization is the
-special case z = levels // 2; ABQ-LLM's bit balance is the 5-level symmetric case. Ranges always
-include 0 (as GPTQ does), so the zero point never needs clamping away from the data.
+in the same range, and an fp32 scale s; the value is (q - z) * s. Weight scales hold fp16 values
+(`fp16_scale`), the precision packed checkpoints keep them in on the GPU. Symmetric quantization
+is the special case z = levels // 2; ABQ-LLM's bit balance is the 5-level symmetric case. Ranges
+always include 0 (as GPTQ does), so the zero point never needs clamping away from the data.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qtool.errors import QtoolError
 from qtool.spec import QuantSpec
 
 EPS = 1e-8
+FP16_TINY = 2.0**-24  # the smallest positive fp16 value
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +80,23 @@ def expand_groups(p: torch.Tensor, k: int, group: int) -> torch.Tensor:
     return p.repeat_interleave(group or k, dim=1)[:, :k]
 
 
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The weight scale rounded to fp16 (at least the smallest positive one), held in fp32. The
+    weight-only kernels read fp16 scales; with s fp16-valued, (q - z) * s is exact in fp32, so the
+    stage's weights cast to fp16 or bf16 are bit for bit what the kernels dequantize (one rounding
+    of the same product) and codes are computed with the scale they are dequantized with."""
+    s = scale.to(torch.float16)
+    if not bool(torch.isfinite(s).all()):
+        raise QtoolError("weight scales overflow float16, in which packed checkpoints hold them: leave this layer unquantized")
+    return s.float().clamp(min=FP16_TINY)
+
+
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale=None, zero=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 [N,K], scale [N,G], zero [N,G]); RTN ranges unless scale/zero are given."""
+    """(codes uint8 [N,K], scale [N,G], zero [N,G]); RTN ranges unless scale/zero are given; the
+    scale rounded by `fp16_scale` before the codes are computed with it."""
     if scale is None:
         scale, zero = weight_qparams(w, spec)
+    scale = fp16_scale(scale)
     k = w.shape[1]
     codes = quantize(w.float(), expand_groups(scale, k, spec.group), expand_groups(zero, k, spec.group), spec.w_levels)
     return codes.to(torch.uint8), scale, zero
