@@ -16,7 +16,7 @@ from qtool.eval.run import EvalParams, evaluate
 from qtool.models.adapters import adapter_for
 from qtool.pack import PackParams, pack
 from qtool.packed.linear import PackedLinear, choose_layout
-from qtool.packed.model import load_packed
+from qtool.packed.model import WEIGHTS, load_packed
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.quantizer import dequantize_weight, fake_quant_weight, quantize_weight
 from qtool.quant.reorder import cluster_bounds
@@ -96,6 +96,28 @@ def test_eval_of_packed_checkpoint_equals_stage_eval(tiny_dir, tmp_path):
     assert packed["packed_bytes"]["linear_bytes"] > 0
     with pytest.raises(QtoolError, match="drop --spec"):
         evaluate(EvalParams(str(tmp_path / "p"), spec="W4A16", **common), device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["W2A16-g32", "W4A4KV4"])
+def test_fp16_eval_of_packed_checkpoint_equals_stage_eval(tiny_dir, tmp_path, spec):
+    """In fp16 too: the stage fake-quantizes its stored fp32 weights and then casts, so its fp16
+    weights are the packed layers' dequantization (the CPU reference here, as the kernels' below)."""
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec))
+    common = {"data": "wikitext2-valid", "seqlen": 64, "windows": 2, "dtype": "float16"}
+    stage = evaluate(EvalParams(str(tiny_dir), spec=spec, **common), device="cpu")
+    packed = evaluate(EvalParams(str(tmp_path / "p"), **common), device="cpu")
+    assert packed["ppl"] == stage["ppl"]
+
+
+def test_pack_dtype_casts_only_the_float_tensors(tiny_dir, tmp_path):
+    """--dtype is the dtype of what stays float: codes and scales come from the stored weights."""
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p32"), spec="W4A16-g32"))
+    pack(PackParams(str(tiny_dir), str(tmp_path / "p16"), spec="W4A16-g32", dtype="float16"))
+    f32, f16 = load_file(tmp_path / "p32" / WEIGHTS), load_file(tmp_path / "p16" / WEIGHTS)
+    assert f32.keys() == f16.keys()
+    for key, value in f32.items():
+        packed = key.rpartition(".")[2] in ("qweight", "scales", "zeros")
+        assert torch.equal(f16[key], value if packed else value.half()), key
 
 
 _GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])

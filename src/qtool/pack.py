@@ -22,7 +22,7 @@ from qtool.packed.linear import PackedLinear
 from qtool.packed.model import WEIGHTS, pack_model, read_quantization_config, save_packed
 from qtool.quant.qparams import stage_qparams
 from qtool.quant.reorder import cluster_bounds
-from qtool.runtime import console, fingerprint_or_skip, load, open_source, pick_dtype
+from qtool.runtime import cast_parameters, console, fingerprint_or_skip, load, open_source, pick_dtype
 from qtool.spec import parse_spec, same_weight_format
 
 FORMATS = ("qtool", "gptq", "compressed-tensors")
@@ -46,8 +46,10 @@ def _prepared(params: PackParams, source):
     qparams = stage_qparams(source)
     if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
         raise QtoolError(f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)")
-    model, _ = load(source, pick_dtype(params.dtype))
+    model, _ = load(source)  # fp32: block linears are quantized from the stored weights, whatever --dtype says
     adapter = adapter_for(model.config)
+    linears = [linear.weight for block in adapter.layers(model) for linear in adapter.linears(block).values()]
+    cast_parameters(model, pick_dtype(params.dtype), keep=linears)
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
     return spec, model, adapter, qparams, clusters
 

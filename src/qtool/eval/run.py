@@ -18,7 +18,14 @@ from qtool.packed.model import packed_bytes, read_quantization_config, to_kernel
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.qparams import stage_qparams
 from qtool.quant.reorder import cluster_bounds
-from qtool.runtime import load, open_source, pick_device, pick_dtype, progress
+from qtool.runtime import (
+    cast_parameters,
+    load,
+    open_source,
+    pick_device,
+    pick_dtype,
+    progress,
+)
 from qtool.spec import parse_spec, same_weight_format
 
 
@@ -64,8 +71,11 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
         raise QtoolError(f"{source.path} is packed for {source.spec}; drop --spec (a packed checkpoint runs its own spec)")
     spec = parse_spec(params.spec or source.spec or "W16A16")
     dev = pick_device(device)
+    dtype = pick_dtype(params.dtype)
     t0 = time.time()
-    model, tokenizer = load(source, pick_dtype(params.dtype))
+    # fake quantization reads the stored weights in fp32, then casts: a packed checkpoint's codes
+    # and scales come from those too, so the stage's fp16 weights are the kernels' dequantization
+    model, tokenizer = load(source, torch.float32 if spec.quantizes_weights and not packed else dtype)
     adapter = adapter_for(model.config)
     stats = source.tensors("calibrate") if source.has_tensors("calibrate") else None
     qparams = stage_qparams(source)
@@ -74,10 +84,11 @@ def evaluate(params: EvalParams, device: str = "auto", batch_size: int = 1) -> d
     clusters = cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
     if packed:
         model.to(dev)
-        if dev.type == "cuda" and pick_dtype(params.dtype) != torch.float32:
+        if dev.type == "cuda" and dtype != torch.float32:
             to_kernel_form(model)  # 16-bit: the kernels; fp32 keeps the fp32 scales (PackedLinear.forward)
     else:
         apply_spec(model, adapter, spec, stats, qparams, clusters)
+        cast_parameters(model, dtype)
         model.to(dev)
     result: dict = {"ppl": None, "windows": 0, "tokens": 0}
     if want_ppl:
