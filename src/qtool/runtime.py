@@ -78,8 +78,8 @@ def load(stage: Stage, dtype: torch.dtype = torch.float32):
 
 def cast_parameters(model, dtype: torch.dtype, keep=()) -> None:
     """Float parameters but those in `keep` to `dtype`, in place, as `load(stage, dtype)` leaves them
-    (buffers such as rotary frequencies stay as they are). Stages that quantize weights load them in
-    fp32 and cast after: the codes and scales come from the stored weights, whatever the dtype."""
+    (buffers such as rotary frequencies stay as they are). eval and pack load in fp32 and cast after
+    or around quantization: codes and scales come from the stored weights, whatever the dtype."""
     kept = {id(p) for p in keep}
     for p in model.parameters():
         if p.is_floating_point() and id(p) not in kept:

@@ -2,10 +2,9 @@
 
 `qtool-qparams.safetensors` holds, for every block linear, `layers.{i}.{linear}.scale` (fp32
 [N, groups], used at fp16 precision: `quantize_weight` rounds it), `.zero` (fp32, integer-valued,
-[N, groups]) and `.codes` (uint8 [N, K]). Any stage
-that decides weight quantization (block-wise training, E2E-QP, RTN export) writes it; a child
-stage inherits it until it writes its own. Evaluation and packing read it instead of computing
-fresh round-to-nearest ranges.
+[N, groups]) and `.codes` (uint8 [N, K]). Any stage that decides weight quantization (block-wise
+training, E2E-QP, RTN export) writes it; a child stage inherits it until it writes its own.
+Evaluation and packing read it instead of computing fresh round-to-nearest ranges.
 """
 
 from __future__ import annotations
