@@ -218,13 +218,16 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) decode_attention(
   for (int i = threadIdx.x; i < G * D; i += ATT_THREADS) {
     const int g = i / D, d = i % D;
     const float* part = ws + ((size_t)b * H + kh * G + g) * splits * W;
-    float m = NEG_INF;
-    for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(part + s * W + D));
-    float l = 0.f, a = 0.f;
+    // one pass with a running max (the loads do not wait on the sums: unrolled, 8 splits' loads are in
+    // flight at once, where a max pass then a sum pass waited two L2 round trips per split)
+    float m = NEG_INF, l = 0.f, a = 0.f;
+#pragma unroll 8
     for (int s = 0; s < nsplit; ++s) {
-      const float f = __expf(__ldcg(part + s * W + D) - m);
-      l += f * __ldcg(part + s * W + D + 1);
-      a += f * __ldcg(part + s * W + d);
+      const float ms = __ldcg(part + s * W + D), ls = __ldcg(part + s * W + D + 1), as = __ldcg(part + s * W + d);
+      const float mn = fmaxf(m, ms), f0 = __expf(m - mn), f1 = __expf(ms - mn);
+      l = fmaf(l, f0, ls * f1);
+      a = fmaf(a, f0, as * f1);
+      m = mn;
     }
     out[(size_t)b * H * D + (size_t)(kh * G + g) * D + d] = Cvt<T>::store(a / l);
   }
