@@ -390,9 +390,9 @@ __device__ void simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
     for (int e = 0; e < 4; ++e) o[e] = (u32)Cvt<T>::store(v[2 * e]) | ((u32)Cvt<T>::store(v[2 * e + 1]) << 16);
     xsm[i] = make_uint4(o[0], o[1], o[2], o[3]);
   };
-  // f(m, k, v) on every data unit (written back when `write`); stats: sum of squares or (min, max)
-  float st[2][MT];
-  auto each = [&](bool write, auto f) {  // f(m, unit index within the row, v) on every unit of rows < mv
+  float st[2][MT];  // per row: the sum of squares (norm) or (min, max) (quantization) of a pass's output
+  // f(m, unit index within the row, v) on every unit of rows < mv, v written back when `write`
+  auto each = [&](bool write, auto f) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m >= mv) break;
