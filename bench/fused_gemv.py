@@ -6,6 +6,8 @@ replays its step), CUDA events, warm-up, median of --reps, the weights rotated o
 exceed L2.
 
 Usage: PYTHONPATH=src python3 bench/fused_gemv.py --bits 2 --a-bits 8 --out bench/results/fused_gemv_h100.jsonl
+(--shapes decoder: only what the Decoder fuses at W2A8, the input quantization of o_proj and down_proj;
+--warps P,F: warps per block of the plain and the fused GEMV, against ops.SIMT_WARPS)
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import statistics
 import torch
 
 from qtool.decoder import add_rms_norm, silu_gate
-from qtool.kernels import pack_wonly, w_only_gemm
+from qtool.kernels import ops, pack_wonly, w_only_gemm
 
 # (name, N, K, op in front: norm / gated / none, residual add after)
-SHAPES = [("qkv", 12288, 4096, "norm", False), ("o", 4096, 4096, "none", True),
-          ("gate_up", 22016, 4096, "norm", False), ("down", 4096, 11008, "gated", True)]
+SHAPES = {"all": [("qkv", 12288, 4096, "norm", False), ("o", 4096, 4096, "none", True),
+                  ("gate_up", 22016, 4096, "norm", False), ("down", 4096, 11008, "gated", True)],
+          "decoder": [("o", 4096, 4096, "none", False), ("down", 4096, 11008, "none", False)]}
 L2_BYTES = 50 << 20
 
 
@@ -52,8 +55,9 @@ def measure(name: str, n: int, k: int, op: str, res: bool, bits: int, group: int
     dev, dt = "cuda", torch.float16
     nbytes = n * k * bits // 8
     copies = max(2, -(-2 * L2_BYTES // nbytes))
-    ws = [pack_wonly(torch.randint(0, 2**bits, (n, k), device=dev), bits, torch.rand(n, k // group, device=dev) * 0.01,
-                     torch.full((n, k // group), 2.0**(bits - 1), device=dev), group) for _ in range(copies)]
+    group = group or k  # 0: per output channel
+    ws = [pack_wonly(torch.randint(0, 2**bits, (n, k), device=dev), bits, torch.rand(n, -(-k // group), device=dev) * 0.01,
+                     torch.full((n, -(-k // group)), 2.0**(bits - 1), device=dev), group) for _ in range(copies)]
     kin = 2 * k if op == "gated" else k
     x = torch.randn(1, kin, device=dev, dtype=dt)
     h = torch.randn(1, k, device=dev, dtype=dt)
@@ -92,15 +96,20 @@ def measure(name: str, n: int, k: int, op: str, res: bool, bits: int, group: int
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--group", type=int, default=64, help="0: per output channel (W2A8)")
     ap.add_argument("--a-bits", type=int, default=8, help="activation bits (16: none)")
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="all")
+    ap.add_argument("--warps", default=None, help="P,F: warps per block of the plain and the fused SIMT GEMV")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.warps:
+        ops.SIMT_WARPS[False], ops.SIMT_WARPS[True] = (int(v) for v in args.warps.split(","))
     a_bits = args.a_bits if args.a_bits < 16 else None
     rows = []
-    for name, n, k, op, res in SHAPES:
+    for name, n, k, op, res in SHAPES[args.shapes]:
         row = measure(name, n, k, op, res, args.bits, args.group, a_bits, args.reps)
+        row["warps"] = [ops.SIMT_WARPS[False], ops.SIMT_WARPS[True]]
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:

@@ -272,11 +272,27 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 4) wonly_gemv(
 // n * (2^b - 1) * max|x'| <= 2^15 for the n products a partial sums; y = 2^e * acc. bf16 x is
 // staged the same way as fp16 (exact down to 2^-(13+L) of the row's max: fp16 holds bf16's 8-bit
 // mantissa there), so both activation types run the same fp16 arithmetic.
-const int SIMT_WARPS = 8, SIMT_R = 2, SIMT_PREFETCH = 4;
+// W warps per block (a template parameter): 8 (2 blocks per SM) for the plain GEMV, 16 (one block per
+// SM) with the fused prologue, whose passes over x every block makes in full: one block per SM makes
+// them once per SM. Both leave 128 registers per thread.
+const int SIMT_R = 2, SIMT_PREFETCH = 4;
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) { u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r; }
 __device__ __forceinline__ u32 f2h2(float lo, float hi) { u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+// per-half min / max of two fp16x2 (f16) or bf16x2 words: selections, so exact
+__device__ __forceinline__ u32 hmin2(u32 a, u32 b, bool f16) {
+  u32 r;
+  if (f16) asm("min.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("min.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ u32 hmax2(u32 a, u32 b, bool f16) {
+  u32 r;
+  if (f16) asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
 
 __host__ __device__ constexpr int ilog2c(int n) { return n < 2 ? 0 : 1 + ilog2c(n >> 1); }
 // fp16 bits of an integer 1 <= n < 2048, or of 2^-e; both exact
@@ -340,9 +356,9 @@ template <int B, int U, int NSEG> struct SimtStage {
   Sz s[U][SIMT_R][NSEG];
 };
 
-// Per-row reductions over the block (SIMT_WARPS warps) of NV values per row; every thread gets the results.
-template <int MT, int NV, class Op> __device__ __forceinline__ void block_reduce(float (&v)[NV][MT], Op op) {
-  __shared__ float red[SIMT_WARPS][NV][MT];
+// Per-row reductions over the block (W warps) of NV values per row; every thread gets the results.
+template <int W, int MT, int NV, class Op> __device__ __forceinline__ void block_reduce(float (&v)[NV][MT], Op op) {
+  __shared__ float red[W][NV][MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int a = 0; a < NV; ++a)
@@ -359,7 +375,7 @@ template <int MT, int NV, class Op> __device__ __forceinline__ void block_reduce
     for (int m = 0; m < MT; ++m) {
       v[a][m] = red[0][a][m];
 #pragma unroll
-      for (int w = 1; w < SIMT_WARPS; ++w) v[a][m] = op(a, v[a][m], red[w][a][m]);
+      for (int w = 1; w < W; ++w) v[a][m] = op(a, v[a][m], red[w][a][m]);
     }
   __syncthreads();
 }
@@ -374,10 +390,12 @@ template <int MT, int NV, class Op> __device__ __forceinline__ void block_reduce
 //   max(hi - lo, 1e-8) * (1 / (2^b - 1)) as CUDA torch divides a tensor by a Python number).
 // up and the norm weight are staged in x's swizzle, so the passes walk shared memory linearly (the
 // swizzle is a permutation of k the ops do not see; walked in k order, 8 lanes hit one bank); each
-// pass also gathers the statistics of its output for the next op.
-template <int MT, class T>
-__device__ void simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int mv, int K, int gated, float eps, int abits) {
-  const int THREADS = SIMT_WARPS * 32;
+// pass also gathers the statistics of its output for the next op. With abits, the quantization pass
+// also gives each thread's max |x'| bits per row (amax; returns true), which the kernel needs next.
+template <int W, int MT, class T>
+__device__ bool simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int mv, int K, int gated, float eps, int abits,
+                              u32 (&amax)[MT]) {
+  const int THREADS = W * 32;
   auto get = [&](int i, float (&v)[8]) {
     const uint4 t = xsm[i];
     const u32 w[4] = {t.x, t.y, t.z, t.w};
@@ -431,11 +449,24 @@ __device__ void simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
       for (int e = 0; e < 8; ++e) v[e] = rnd(rnd(v[e] / (1.f + expf(-v[e]))) * u[e]);
       if (norm || abits) stats(m, v, norm);
     });
-  } else if (norm || abits) {
-    each(false, [&](int m, int, float (&v)[8]) { stats(m, v, norm); });
+  } else if (norm) {
+    each(false, [&](int m, int, float (&v)[8]) { stats(m, v, true); });
+  } else if (abits) {  // the range on the 16-bit pairs as staged: no conversions
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mv) break;
+      u32 lo = 0, hi = 0;  // +0 pairs: the range includes 0
+      for (int i = threadIdx.x; i < XQ; i += THREADS) {
+        const uint4 t = xsm[m * XQ + i];
+        lo = hmin2(lo, hmin2(hmin2(t.x, t.y, Cvt<T>::f16), hmin2(t.z, t.w, Cvt<T>::f16), Cvt<T>::f16), Cvt<T>::f16);
+        hi = hmax2(hi, hmax2(hmax2(t.x, t.y, Cvt<T>::f16), hmax2(t.z, t.w, Cvt<T>::f16), Cvt<T>::f16), Cvt<T>::f16);
+      }
+      st[0][m] = fminf(Cvt<T>::load((u16)(lo & 0xffffu)), Cvt<T>::load((u16)(lo >> 16)));
+      st[1][m] = fmaxf(Cvt<T>::load((u16)(hi & 0xffffu)), Cvt<T>::load((u16)(hi >> 16)));
+    }
   }
   if (norm) {
-    block_reduce<MT, 1>(reinterpret_cast<float(&)[1][MT]>(st), sum);
+    block_reduce<W, MT, 1>(reinterpret_cast<float(&)[1][MT]>(st), sum);
     float r[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) r[m] = rsqrtf(st[0][m] / (float)K + eps);
@@ -448,40 +479,66 @@ __device__ void simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
       if (abits) stats(m, v, false);
     });
   }
-  if (abits) {
-    block_reduce<MT, 2>(st, range);
-    const float top = (float)((1 << abits) - 1);
-    each(true, [&](int m, int, float (&v)[8]) {
-      const float s = fmaxf(st[1][m] - st[0][m], 1e-8f) * (1.f / top), z = fminf(fmaxf(rintf(-st[0][m] / s), 0.f), top);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = (fminf(fmaxf(rintf(v[e] / s) + z, 0.f), top) - z) * s;
-    });
+  if (!abits) {
+    __syncthreads();
+    return false;
   }
+  block_reduce<W, MT, 2>(st, range);
+  // x' = (clamp(rint(x / s) + z, 0, top) - z) * s = clamp(rint(x / s), -z, top - z) * s (integers: exact).
+  // rint(x / s) is taken as rint(x * (1 / s)): |x / s| <= 2^b (the range includes 0), so the product is
+  // within 2^b * 2^-23 <= 3.1e-5 of x / s and of its rounded quotient (2^-24 relative); the two round
+  // alike unless x * (1 / s) lies within 1e-4 of a half integer, where the IEEE division decides.
+  const float top = (float)((1 << abits) - 1);
+  float qs[MT], qr[MT], qlo[MT], qhi[MT], qmax[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float s = fmaxf(st[1][m] - st[0][m], 1e-8f) * (1.f / top), z = fminf(fmaxf(rintf(-st[0][m] / s), 0.f), top);
+    qs[m] = s;
+    qr[m] = 1.f / s;
+    qlo[m] = 0.f - z;  // +0 for z = 0, as (0 + z) - z gives
+    qhi[m] = top - z;
+    qmax[m] = 0.f;
+  }
+  each(true, [&](int m, int, float (&v)[8]) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float t = v[e] * qr[m];
+      float q = rintf(t);
+      if (fabsf(t - q) > 0.4999f) q = rintf(v[e] / qs[m]);
+      q = fminf(fmaxf(q, qlo[m]), qhi[m]);
+      qmax[m] = fmaxf(qmax[m], fabsf(q));
+      v[e] = q * qs[m];
+    }
+  });
+  // max |x'| = T(max |q| * s): the product and the rounding to T are monotone and odd
+#pragma unroll
+  for (int m = 0; m < MT; ++m) amax[m] = Cvt<T>::store(qmax[m] * qs[m]) & 0x7fffu;
   __syncthreads();
+  return true;
 }
 
 // y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n] for x rows m in slices of MT
 // (block b: slice b % S, S = ceil(M / MT)). NSEG = 2 when a chunk spans two groups (C = 16, group 32).
-// Warps own row groups of SIMT_R rows (gw, gw + TW, ...; TW = nblk * SIMT_WARPS); the step sequence
+// Warps own row groups of SIMT_R rows (gw, gw + TW, ...; TW = nblk * W); the step sequence
 // (row group, k-step) is flat so the prefetch runs across row groups. Dynamic shared memory:
 // MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K). PRO: with the fused
 // prologue (simt_prologue; its operands staged after x) and the residual add; a separate instantiation
 // so that the plain GEMV's code is exactly the code without them.
-template <int B, int MT, int U, int NSEG, class T, bool PRO>
-__global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
+template <int B, int MT, int U, int NSEG, class T, bool PRO, int W>
+__global__ void __launch_bounds__(W * 32, 16 / W) wonly_gemv_simt(
     const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
     const u16* __restrict__ x, const u16* __restrict__ bias, u16* y,
     int M, int N, int K, int row_words, int G, int gshift, int nblk,
     int ldx, int gated, const u16* __restrict__ norm_w, float eps, int abits, const u16* res) {
   typedef SimtFmt<B> F;
-  const int C = F::C, PIECE = F::PIECE, NP = C / PIECE, R = SIMT_R, THREADS = SIMT_WARPS * 32;
+  const int C = F::C, PIECE = F::PIECE, NP = C / PIECE, R = SIMT_R, THREADS = W * 32;
   const int WPS = 4 / NSEG;  // data words per segment (one scale)
   const int L = xbound_log2(WPS * (C / 2) * ((1 << B) - 1));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int S = (M + MT - 1) / MT, slice = blockIdx.x % S, blk = blockIdx.x / S;
   const int m0 = slice * MT, mv = min(MT, M - m0);
   const int nchunk = row_words >> 2, KI = (nchunk + 32 * U - 1) / (32 * U), XP = KI * 32 * U * 4 * C;
-  const int nrg = (N + R - 1) / R, TW = nblk * SIMT_WARPS, gw = blk * SIMT_WARPS + warp;
+  const int nrg = (N + R - 1) / R, TW = nblk * W, gw = blk * W + warp;
 
   // Load cursor (row group, k-step). Addresses are clamped instead of bounds-checked: chunks past the
   // row end meet zero x (shared memory is zero-padded to whole steps) and rows past N are not stored,
@@ -527,7 +584,7 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
   // + c%32 of PIECE codes. cp.async puts every copy of the block in flight at once (a register loop
   // waited one L2 round trip per iteration, ~1 us per 4 KB of x per block); zero-filled past K.
   extern __shared__ uint4 xsm[];
-  __shared__ u32 s_amax[SIMT_WARPS][MT];
+  __shared__ u32 s_amax[W][MT];
   __shared__ int s_e[MT];
   const int XQ = XP / 8;  // uint4 per x row
   // the two 8-byte halves of x[m, k .. k + 8) in shared memory (W8: words j and j + 1 are 32 units apart)
@@ -560,25 +617,31 @@ __global__ void __launch_bounds__(SIMT_WARPS * 32, 2) wonly_gemv_simt(
   }
   cp_async_wait_all();
   __syncthreads();
-  if (PRO) simt_prologue<MT, T>(xsm, XQ, up, nw, norm_w != nullptr, mv, K, gated, eps, abits);
   // x is used as fp16 * 2^-e[m]: e from max |x[m]|, taken on the bits (order-preserving for |x|)
+  u32 amax[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) amax[m] = 0;
+  if (!(PRO && simt_prologue<W, MT, T>(xsm, XQ, up, nw, norm_w != nullptr, mv, K, gated, eps, abits, amax))) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      for (int i = threadIdx.x; i < XQ; i += THREADS) {
+        const uint4 v = xsm[m * XQ + i];
+        const u32 a = v.x & 0x7fff7fffu, b = v.y & 0x7fff7fffu, cc = v.z & 0x7fff7fffu, d = v.w & 0x7fff7fffu;
+        amax[m] = max(amax[m], max(max(max(a & 0xffffu, a >> 16), max(b & 0xffffu, b >> 16)), max(max(cc & 0xffffu, cc >> 16), max(d & 0xffffu, d >> 16))));
+      }
+    }
+  }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    u32 amax = 0;
-    for (int i = threadIdx.x; i < XQ; i += THREADS) {
-      const uint4 v = xsm[m * XQ + i];
-      const u32 a = v.x & 0x7fff7fffu, b = v.y & 0x7fff7fffu, cc = v.z & 0x7fff7fffu, d = v.w & 0x7fff7fffu;
-      amax = max(amax, max(max(max(a & 0xffffu, a >> 16), max(b & 0xffffu, b >> 16)), max(max(cc & 0xffffu, cc >> 16), max(d & 0xffffu, d >> 16))));
-    }
 #pragma unroll
-    for (int o = 16; o; o >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lane == 0) s_amax[warp][m] = amax;
+    for (int o = 16; o; o >>= 1) amax[m] = max(amax[m], __shfl_xor_sync(0xffffffffu, amax[m], o));
+    if (lane == 0) s_amax[warp][m] = amax[m];
   }
   __syncthreads();
   if (threadIdx.x < MT) {
     u32 a = 0;
 #pragma unroll
-    for (int w = 0; w < SIMT_WARPS; ++w) a = max(a, s_amax[w][threadIdx.x]);
+    for (int w = 0; w < W; ++w) a = max(a, s_amax[w][threadIdx.x]);
     const float fa = Cvt<T>::load((u16)a);
     int e = fa > 0.f ? ((__float_as_int(fa) >> 23) & 0xff) - 127 + 1 - L : 0;  // |x| < 2^(e + L)
     if (Cvt<T>::f16) e = max(e, 0);  // fp16 x: never scale up (exact as is)
@@ -730,10 +793,10 @@ GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
-#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, false>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, false, 8>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(4, 1, 2, 1, F16)
 SIMT(2, 1, 2, 1, F16)
-template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, true>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, true, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(3, 1, 2, 1, F16)
 SIMT(8, 1, 2, 1, F16)
 SIMT(4, 4, 2, 1, F16)

@@ -114,6 +114,18 @@ inline u32 emu_h2(u32 a, u32 b, _Float16 (*op)(_Float16, _Float16)) {
     return r;                                                                                                          \
   }                                                                                                                    \
   inline u32 f2h2(float lo, float hi) { return (u32)f2h(lo) | (u32)f2h(hi) << 16; }                                    \
+  inline float emu_half(u32 h, bool f16) { return f16 ? h2f((u16)h) : __uint_as_float(h << 16); }                      \
+  inline u32 emu_select2(u32 a, u32 b, bool f16, bool mx) {                                                           \
+    u32 r = 0;                                                                                                         \
+    for (int s = 0; s < 32; s += 16) {                                                                                 \
+      const u32 x = (a >> s) & 0xffffu, y = (b >> s) & 0xffffu;                                                        \
+      const float fx = emu_half(x, f16), fy = emu_half(y, f16);                                                        \
+      r |= (std::isnan(fx) ? y : std::isnan(fy) ? x : (mx ? fy > fx : fy < fx) ? y : x) << s;                          \
+    }                                                                                                                  \
+    return r;                                                                                                          \
+  }                                                                                                                    \
+  inline u32 hmin2(u32 a, u32 b, bool f16) { return emu_select2(a, b, f16, false); }                                  \
+  inline u32 hmax2(u32 a, u32 b, bool f16) { return emu_select2(a, b, f16, true); }                                   \
   inline uint4 ld_stream_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint4*>(p) : uint4{0, 0, 0, 0}; } \
   inline uint2 ld_v2_if(const u32* p, bool ok) { return ok ? *reinterpret_cast<const uint2*>(p) : uint2{0, 0}; }      \
   template <class S = Sz> inline S ld_sz_if(const u16* scales, const u8* zeros, size_t i, bool ok) {                  \

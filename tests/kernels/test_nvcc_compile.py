@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qtool.kernels.ops import GEMV_MAX_M, SIMT_MAX_M, mma_plan, simt_plan
+from qtool.kernels.ops import GEMV_MAX_M, SIMT_MAX_M, SIMT_WARPS, mma_plan, simt_plan
 
 SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels" / "cuda").glob("*.cu"))
 
@@ -33,7 +33,7 @@ def _simt_instantiations() -> list[str]:
     """Every wonly_gemv_simt<B, MT, U, NSEG, T> that ops.w_only_gemm's default dispatch launches (its plan
     depends on bits, group 32 or not and M only; M up to SIMT_MAX_M: the W4/W8 instantiations for M > 1,
     which only a forced impl='simt' reaches, may spill a few bytes since the fused prologue)."""
-    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {pro}>" for pro in ("false", "true")
+    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {str(pro).lower()}, {SIMT_WARPS[pro]}>" for pro in (False, True)
              for bits in (2, 3, 4, 8) for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
              for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)] for t in ("F16", "BF16")}
     return sorted(names)
@@ -70,7 +70,7 @@ def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str,
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_simt_gemv_does_not_spill(tmp_path):
     """ptxas -v: no local-memory spills in any plain SIMT GEMV instantiation the dispatch can reach (launch
-    bounds cap them at 128 registers for 2 blocks of 256 threads per SM); with the fused prologue
+    bounds cap them at 128 registers: 2 blocks of 256 threads or 1 of 512 per SM); with the fused prologue
     (mangled 'Lb1E'), at most 8 bytes (W3 bf16 with two groups per word spills 8)."""
     args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*)"
     found = _spills(_simt_instantiations(), args, tmp_path)

@@ -19,8 +19,9 @@ from host_kernel import kernel_source, u16
 from qtool.kernels import ops, pack_wonly
 from qtool.kernels.packing import wonly_row_words
 from qtool.kernels.reference import w_only_gemm_ref, wonly_prologue_ref
+from qtool.quant.quantizer import minmax_qparams
 
-HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
+HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "hmin2", "hmax2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
            "cp_async_zfill", "cp_async_wait_all", "prefetch_l2")
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
@@ -69,20 +70,20 @@ def lib():
 
 def build(configs) -> ctypes.CDLL:
     """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T> for each (B, MT, U, NSEG, 'F16'|'BF16')."""
-    launch = """
+    launch = f"const unsigned THREADS = {32 * ops.SIMT_WARPS[True]};\n" + """
 template <int B, int MT, int U, int NSEG, class T>
 void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
                 int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
                 int abits, const u16* res, int grid, long smem) {
   std::vector<uint4> sm(smem / 16 + 1);
-  blockDim.x = 256;
+  blockDim.x = THREADS;
   gridDim.x = grid;
   for (int b = 0; b < grid; ++b) {
     std::fill(sm.begin(), sm.end(), uint4{0x7e017e01u, 0x7e017e01u, 0x7e017e01u, 0x7e017e01u});  // fp16 NaN
     emu_smem = sm.data();
-    emu_block(256, [=] {
+    emu_block(THREADS, [=] {
       blockIdx.x = b;
-      wonly_gemv_simt<B, MT, U, NSEG, T, true>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
+      wonly_gemv_simt<B, MT, U, NSEG, T, true, THREADS / 32>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
                                                nw, eps, abits, res);
     });
   }
@@ -186,3 +187,40 @@ def test_simt_prologue_host(prologue_lib, bits, dtype, m, n, k, group, gated, no
         assert diff <= 2e-3 * expect.abs().max().item(), f"fused vs unfused: {diff:.3g}"
     else:
         assert torch.equal(out, plain)
+
+
+def _reciprocal_ties(lo: float, hi: float, bits: int) -> torch.Tensor:
+    """The fp16 values v in [lo, hi] whose code under the range [lo, hi] is rint(v / s) but not
+    rint(v * (1 / s)) (fp32 math, s as fake_quant_per_token computes it)."""
+    s = minmax_qparams(torch.tensor(lo), torch.tensor(hi), 2**bits, sym=False)[0]
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    v = v[(v >= lo) & (v <= hi)]
+    return v[(v * (1 / s)).round() != (v / s).round()]
+
+
+def test_simt_quant_reciprocal_ties_host(prologue_lib_ties):
+    """The fused quantizer multiplies by 1 / s and divides only near a half integer: on the fp16 values
+    where the product and the quotient round apart, x' is still torch's (each output row picks one x)."""
+    lo, hi, bits = -6.375, 12.75, 8  # s = 0.075: multiples of s / 2 among the fp16 values
+    ties = _reciprocal_ties(lo, hi, bits)
+    assert ties.numel() >= 3, "the range must hold values where rint(v * (1 / s)) != rint(v / s)"
+    k = 320
+    x = torch.linspace(lo, hi, k)
+    x[2:2 + ties.numel()] = ties
+    x = x.to(torch.float16).unsqueeze(0)
+    n = ties.numel()
+    codes = torch.full((n, k), 8)
+    codes[torch.arange(n), 2 + torch.arange(n)] = 9  # row j: (q - z) * s = 1 at x's tie j, 0 elsewhere
+    w = pack_wonly(codes, 4, torch.ones(n, 1), torch.full((n, 1), 8.0), None)
+    out = run(prologue_lib_ties, w, x, None, 1, a_bits=bits)
+    expect = wonly_prologue_ref(x, a_bits=bits)[0, 2:2 + n]
+    assert torch.equal(out[0], expect)
+    # the product alone would have missed: its x' differs from torch's at some of these values
+    s, z = minmax_qparams(x.float().amin(), x.float().amax(), 2**bits, sym=False)
+    naive = ((torch.clamp((ties * (1 / s)).round() + z, 0, 2**bits - 1) - z) * s).to(torch.float16)
+    assert not torch.equal(naive, expect)
+
+
+@pytest.fixture(scope="module")
+def prologue_lib_ties():
+    return build([_config(4, torch.float16, 1, 320, None)])

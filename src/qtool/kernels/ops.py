@@ -15,7 +15,10 @@ from qtool.kernels.segments import Segments
 
 GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
 GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu (mma GEMV)
-SIMT_THREADS, SIMT_ROWS = 256, 2  # SIMT_WARPS * 32 and SIMT_R in wonly_gemv.cu
+SIMT_ROWS = 2  # SIMT_R in wonly_gemv.cu
+# warps per SIMT block (W in wonly_gemv.cu) without / with the fused prologue: one block per SM makes
+# the prologue's passes over x once per SM instead of twice
+SIMT_WARPS = {False: 8, True: 16}
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
 # bench/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
@@ -240,18 +243,18 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: b
     if not _simt_fits(w, m, gated, norm is not None):
         raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
     pro = gated or norm is not None or bool(a_bits) or residual is not None
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {str(pro).lower()}>")
+    warps = SIMT_WARPS[pro]
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {str(pro).lower()}, {warps}>")
     key = (rt.handle(fn), smem)
     if key not in _SIMT_OCCUPANCY:
-        _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, SIMT_THREADS, smem)
-    warps = SIMT_THREADS // 32
+        _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, 32 * warps, smem)
     sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
     resident = max(1, _SIMT_OCCUPANCY[key] * sms // slices)
     groups = -(-w.n // SIMT_ROWS)
     rounds = -(-groups // (resident * warps))
     nblk = -(-groups // (rounds * warps))
     wptrs, gshift = _wonly_args(w)
-    rt.launch(fn, (nblk * slices,), (SIMT_THREADS,),
+    rt.launch(fn, (nblk * slices,), (32 * warps,),
               (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
                rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk), rt.i32(x.stride(0)), rt.i32(int(gated)),
                rt.ptr(None if norm is None else norm[0]), rt.f32(0.0 if norm is None else norm[1]), rt.i32(a_bits or 0),
