@@ -124,6 +124,8 @@ def test_decoder_on_the_gpu_matches_the_transformers_forward(tiny_dir, tmp_path,
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4)).cuda()
     ref = _hf_logits(model, ids)[:, 5:].double()
     decoder = Decoder(model, batch=2, max_len=24)
+    # per-channel W2A8: every block's decode step runs fused (norms, quantization, residuals in the GEMVs)
+    assert all(b.fusable for b in decoder.blocks) == (spec == "W2A8")
     got = _stepwise(decoder, ids, 6).double()
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < (1e-2 if spec is None or "A16" in spec else 5e-2), err

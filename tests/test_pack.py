@@ -6,13 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
+from test_exports import DECODE
 
 from qtool import kernels
 from qtool.calibrate import CalibrateParams, calibrate
 from qtool.checkpoint import open_stage
 from qtool.errors import QtoolError
 from qtool.eval.run import EvalParams, evaluate
+from qtool.kernels import reference
 from qtool.models.adapters import adapter_for
 from qtool.pack import PackParams, pack
 from qtool.packed.linear import PackedLinear, choose_layout
@@ -23,9 +26,6 @@ from qtool.quant.reorder import cluster_bounds
 from qtool.reorder import ReorderParams, reorder
 from qtool.runtime import load, open_source
 from qtool.spec import parse_spec
-
-from conftest import tiny_model
-from test_exports import DECODE
 
 # every layout: weight-only 2/3/4/8 bits (3-bit uses a second word plane, also under quantized
 # activations), u8 (W<=4 x A<=8), planes (W5-8, or asked for)
@@ -277,6 +277,26 @@ def test_smollm2_packed_equals_stage_on_real_text(smollm2_float, spec):
     apply_spec(ref, adapter, parse_spec(spec))
     pack_model(model, adapter, parse_spec(spec))
     assert torch.equal(_logits(model, ids), _logits(ref, ids))
+
+
+@pytest.mark.parametrize("device", ["cpu", _GPU])
+@pytest.mark.parametrize("spec", ["W2A8", "W4A16-g128", "W4A4"])
+def test_packed_linear_takes_a_norm_and_a_residual(spec, device):
+    """forward(x, norm=..., residual=...) = residual + forward(RMSNorm(x)): on the CPU by the same ops
+    (exactly), on the GPU inside the weight-only GEMV (per-channel W2A8: on integer codes)."""
+    torch.manual_seed(1)
+    s = parse_spec(spec)
+    w = torch.randn(192, 512) * 0.05
+    linear = PackedLinear.from_codes(*quantize_weight(w, s), s, choose_layout(s)).to(device)
+    dtype = torch.float16 if device != "cpu" else torch.float32
+    x = (torch.randn(3, 512) * 3).to(device, dtype)
+    nw, res = (torch.rand(512) + 0.5).to(device, dtype), torch.randn(3, 192).to(device, dtype)
+    got = linear(x, norm=(nw, 1e-5), residual=res).double()
+    expect = (res + linear(reference.rms_norm(x, nw, 1e-5))).double()
+    if device == "cpu":
+        assert torch.equal(got, expect)
+    else:
+        assert ((got - expect).norm() / expect.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

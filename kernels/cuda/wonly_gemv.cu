@@ -326,19 +326,28 @@ template <int B> __device__ __forceinline__ Zc<B> zc_of(u32 sz) {
   return z;
 }
 
-// half2(q - z) of pair p (codes 2p, 2p+1) of data word `word`; W3 takes bit 2 from `hi`, whose pair
-// (word parity)*8 + p holds it. p and par are compile-time after unrolling, so shifts are immediates.
-template <int B> __device__ __forceinline__ u32 simt_pair(u32 word, u32 hi, int par, int p, const Zc<B>& z) {
+// The fields of pair p (codes 2p, 2p+1) of data word `word` in place, in an fp16 pair's mantissa: of
+// 1024.0 (magic: half2(1024 + q * 2^at)) or of +0 (half2(q * 2^(at - 24)), subnormal). W3 takes bit 2
+// from `hi`, whose pair (word parity)*8 + p holds it. p and par are compile-time after unrolling, so
+// shifts are immediates.
+template <int B> __device__ __forceinline__ int simt_at(int p) { return B == 8 ? 0 : SimtFmt<B>::BL * (p < SimtFmt<B>::PD ? p : p - SimtFmt<B>::PD); }
+template <int B> __device__ __forceinline__ u32 simt_field(u32 word, u32 hi, int par, int p, bool magic) {
   typedef SimtFmt<B> F;
-  if (B == 8) return hsub2(prmt(word, 0x64646464u, p ? 0x4341u : 0x4240u), z.z2);
-  const int pp = p < F::PD ? p : p - F::PD, at = F::BL * pp;
+  if (B == 8) return prmt(word, magic ? 0x64646464u : 0u, p ? 0x4341u : 0x4240u);
+  const int at = simt_at<B>(p);
   const u32 src = p < F::PD ? word : word >> F::SH;
-  u32 v = lop_and_or(src, (((1u << F::BL) - 1u) << at) * 0x00010001u, 0x64006400u);
+  u32 v = lop_and_or(src, (((1u << F::BL) - 1u) << at) * 0x00010001u, magic ? 0x64006400u : 0u);
   if (B == 3) {
     const int hj = par * 8 + p, to = at + 2;
     v = lop_and_or(to >= hj ? hi << (to - hj) : hi >> (hj - to), (4u << at) * 0x00010001u, v);
   }
-  return pp == 0 ? hsub2(v, z.z2) : hfma2(v, f16_pow2_neg(at) * 0x00010001u, z.nz[pp]);
+  return v;
+}
+// half2(q - z) of pair p
+template <int B> __device__ __forceinline__ u32 simt_pair(u32 word, u32 hi, int par, int p, const Zc<B>& z) {
+  const u32 v = simt_field<B>(word, hi, par, p, true);
+  const int at = simt_at<B>(p);
+  return B == 8 || at == 0 ? hsub2(v, z.z2) : hfma2(v, f16_pow2_neg(at) * 0x00010001u, z.nz[at / SimtFmt<B>::BL]);
 }
 
 // Asynchronous 16/8-byte global -> shared copy, zero-filled when !ok (src is not read then).
@@ -392,9 +401,12 @@ template <int W, int MT, int NV, class Op> __device__ __forceinline__ void block
 // swizzle is a permutation of k the ops do not see; walked in k order, 8 lanes hit one bank); each
 // pass also gathers the statistics of its output for the next op. With abits, the quantization pass
 // also gives each thread's max |x'| bits per row (amax; returns true), which the kernel needs next.
-template <int W, int MT, class T>
+// CODES (abits, B <= 4): x is left as its integer codes q = c - zx instead (x' = q * sx), staged as fp16
+// q * 2^(8 - at) for the pair field at bit `at` that meets it (simt_field, unnormalized: the product is
+// q * code * 2^-16), with sx and sum_k q per row in code_scale / code_sum (shared memory).
+template <int B, int W, int MT, class T, bool CODES>
 __device__ bool simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int mv, int K, int gated, float eps, int abits,
-                              u32 (&amax)[MT]) {
+                              u32 (&amax)[MT], float* code_scale, float* code_sum) {
   const int THREADS = W * 32;
   auto get = [&](int i, float (&v)[8]) {
     const uint4 t = xsm[i];
@@ -499,17 +511,38 @@ __device__ bool simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
     qhi[m] = top - z;
     qmax[m] = 0.f;
   }
-  each(true, [&](int m, int, float (&v)[8]) {
+  float qsum[1][MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) qsum[0][m] = 0.f;
+  const int NP = SimtFmt<B>::C / SimtFmt<B>::PIECE;
+  each(!CODES, [&](int m, int i, float (&v)[8]) {
+    u32 o[4];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const float t = v[e] * qr[m];
       float q = rintf(t);
       if (fabsf(t - q) > 0.4999f) q = rintf(v[e] / qs[m]);
       q = fminf(fmaxf(q, qlo[m]), qhi[m]);
-      qmax[m] = fmaxf(qmax[m], fabsf(q));
-      v[e] = q * qs[m];
+      if (CODES) {  // unit i is piece (i / 32) % NP of its data word: element e meets pair piece * 4 + e / 2
+        qsum[0][m] += q;
+        const u32 h = f2h(q * __int_as_float((135 - simt_at<B>(((i >> 5) % NP) * 4 + e / 2)) << 23));
+        o[e / 2] = e & 1 ? o[e / 2] | h << 16 : h;
+      } else {
+        qmax[m] = fmaxf(qmax[m], fabsf(q));
+        v[e] = q * qs[m];
+      }
     }
+    if (CODES) xsm[m * XQ + i] = make_uint4(o[0], o[1], o[2], o[3]);
   });
+  if (CODES) {
+    block_reduce<W, MT, 1>(qsum, sum);  // integers below 2^24: exact
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (threadIdx.x == m) {
+        code_scale[m] = qs[m];
+        code_sum[m] = qsum[0][m];
+      }
+  }
   // max |x'| = T(max |q| * s): the product and the rounding to T are monotone and odd
 #pragma unroll
   for (int m = 0; m < MT; ++m) amax[m] = Cvt<T>::store(qmax[m] * qs[m]) & 0x7fffu;
@@ -521,16 +554,21 @@ __device__ bool simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
 // (block b: slice b % S, S = ceil(M / MT)). NSEG = 2 when a chunk spans two groups (C = 16, group 32).
 // Warps own row groups of SIMT_R rows (gw, gw + TW, ...; TW = nblk * W); the step sequence
 // (row group, k-step) is flat so the prefetch runs across row groups. Dynamic shared memory:
-// MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K). PRO: with the fused
-// prologue (simt_prologue; its operands staged after x) and the residual add; a separate instantiation
-// so that the plain GEMV's code is exactly the code without them.
-template <int B, int MT, int U, int NSEG, class T, bool PRO, int W>
+// MT * XP fp16 with XP = KI * 32U * 4C (row padded to whole steps, zeros beyond K). MODE: SIMT_PLAIN;
+// SIMT_FUSED, with the fused prologue (simt_prologue; its operands staged after x) and the residual
+// add; SIMT_CODES, the same with x quantized to its integer codes (abits, B <= 4, one group per row):
+// each pair multiplies its unnormalized fields (one LOP3 instead of LOP3 + HFMA2), and the zero point
+// comes off per row, y = sx * (s * sum q * code - s * z * sum q) (weight scale s, zero z).
+// Separate instantiations, so that the plain GEMV's code is exactly the code without the others.
+const int SIMT_PLAIN = 0, SIMT_FUSED = 1, SIMT_CODES = 2;
+template <int B, int MT, int U, int NSEG, class T, int MODE, int W>
 __global__ void __launch_bounds__(W * 32, 16 / W) wonly_gemv_simt(
     const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
     const u16* __restrict__ x, const u16* __restrict__ bias, u16* y,
     int M, int N, int K, int row_words, int G, int gshift, int nblk,
     int ldx, int gated, const u16* __restrict__ norm_w, float eps, int abits, const u16* res) {
   typedef SimtFmt<B> F;
+  const bool PRO = MODE != SIMT_PLAIN, CODES = MODE == SIMT_CODES && B <= 4;
   const int C = F::C, PIECE = F::PIECE, NP = C / PIECE, R = SIMT_R, THREADS = W * 32;
   const int WPS = 4 / NSEG;  // data words per segment (one scale)
   const int L = xbound_log2(WPS * (C / 2) * ((1 << B) - 1));
@@ -617,51 +655,57 @@ __global__ void __launch_bounds__(W * 32, 16 / W) wonly_gemv_simt(
   }
   cp_async_wait_all();
   __syncthreads();
-  // x is used as fp16 * 2^-e[m]: e from max |x[m]|, taken on the bits (order-preserving for |x|)
+  // x is used as fp16 * 2^-e[m]: e from max |x[m]|, taken on the bits (order-preserving for |x|);
+  // CODES: as the prologue leaves it (e = 0)
+  __shared__ float s_sx[MT], s_qsum[MT];
   u32 amax[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) amax[m] = 0;
-  if (!(PRO && simt_prologue<W, MT, T>(xsm, XQ, up, nw, norm_w != nullptr, mv, K, gated, eps, abits, amax))) {
+  const bool gathered = PRO && simt_prologue<B, W, MT, T, CODES>(xsm, XQ, up, nw, norm_w != nullptr, mv, K, gated, eps, abits, amax,
+                                                                  s_sx, s_qsum);
+  if (!CODES) {
+    if (!gathered) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      for (int i = threadIdx.x; i < XQ; i += THREADS) {
-        const uint4 v = xsm[m * XQ + i];
-        const u32 a = v.x & 0x7fff7fffu, b = v.y & 0x7fff7fffu, cc = v.z & 0x7fff7fffu, d = v.w & 0x7fff7fffu;
-        amax[m] = max(amax[m], max(max(max(a & 0xffffu, a >> 16), max(b & 0xffffu, b >> 16)), max(max(cc & 0xffffu, cc >> 16), max(d & 0xffffu, d >> 16))));
+      for (int m = 0; m < MT; ++m) {
+        for (int i = threadIdx.x; i < XQ; i += THREADS) {
+          const uint4 v = xsm[m * XQ + i];
+          const u32 a = v.x & 0x7fff7fffu, b = v.y & 0x7fff7fffu, cc = v.z & 0x7fff7fffu, d = v.w & 0x7fff7fffu;
+          amax[m] = max(amax[m], max(max(max(a & 0xffffu, a >> 16), max(b & 0xffffu, b >> 16)), max(max(cc & 0xffffu, cc >> 16), max(d & 0xffffu, d >> 16))));
+        }
       }
     }
-  }
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int o = 16; o; o >>= 1) amax[m] = max(amax[m], __shfl_xor_sync(0xffffffffu, amax[m], o));
-    if (lane == 0) s_amax[warp][m] = amax[m];
-  }
-  __syncthreads();
-  if (threadIdx.x < MT) {
-    u32 a = 0;
-#pragma unroll
-    for (int w = 0; w < W; ++w) a = max(a, s_amax[w][threadIdx.x]);
-    const float fa = Cvt<T>::load((u16)a);
-    int e = fa > 0.f ? ((__float_as_int(fa) >> 23) & 0xff) - 127 + 1 - L : 0;  // |x| < 2^(e + L)
-    if (Cvt<T>::f16) e = max(e, 0);  // fp16 x: never scale up (exact as is)
-    s_e[threadIdx.x] = min(max(e, -100), 100);
-  }
-  __syncthreads();
-  bool rescale = !Cvt<T>::f16;  // bf16 x always converts
-#pragma unroll
-  for (int m = 0; m < MT; ++m) rescale |= s_e[m] != 0;
-  if (rescale) {
-    for (int i = threadIdx.x; i < MT * XQ; i += THREADS) {
-      const int m = i / XQ;
-      const float f = __int_as_float((127 - s_e[m]) << 23);
-      uint4 v = xsm[i];
-      u32* q = &v.x;
-#pragma unroll
-      for (int t = 0; t < 4; ++t) q[t] = f2h2(Cvt<T>::load((u16)(q[t] & 0xffffu)) * f, Cvt<T>::load((u16)(q[t] >> 16)) * f);
-      xsm[i] = v;
+      for (int o = 16; o; o >>= 1) amax[m] = max(amax[m], __shfl_xor_sync(0xffffffffu, amax[m], o));
+      if (lane == 0) s_amax[warp][m] = amax[m];
     }
     __syncthreads();
+    if (threadIdx.x < MT) {
+      u32 a = 0;
+#pragma unroll
+      for (int w = 0; w < W; ++w) a = max(a, s_amax[w][threadIdx.x]);
+      const float fa = Cvt<T>::load((u16)a);
+      int e = fa > 0.f ? ((__float_as_int(fa) >> 23) & 0xff) - 127 + 1 - L : 0;  // |x| < 2^(e + L)
+      if (Cvt<T>::f16) e = max(e, 0);  // fp16 x: never scale up (exact as is)
+      s_e[threadIdx.x] = min(max(e, -100), 100);
+    }
+    __syncthreads();
+    bool rescale = !Cvt<T>::f16;  // bf16 x always converts
+#pragma unroll
+    for (int m = 0; m < MT; ++m) rescale |= s_e[m] != 0;
+    if (rescale) {
+      for (int i = threadIdx.x; i < MT * XQ; i += THREADS) {
+        const int m = i / XQ;
+        const float f = __int_as_float((127 - s_e[m]) << 23);
+        uint4 v = xsm[i];
+        u32* q = &v.x;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) q[t] = f2h2(Cvt<T>::load((u16)(q[t] & 0xffffu)) * f, Cvt<T>::load((u16)(q[t] >> 16)) * f);
+        xsm[i] = v;
+      }
+      __syncthreads();
+    }
   }
 
   float acc[R][MT];
@@ -701,7 +745,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) wonly_gemv_simt(
               const u32 word = (&st.w[u][r].x)[j], hi = B == 3 ? (&st.h[u][r].x)[j >> 1] : 0u;
 #pragma unroll
               for (int i = 0; i < PIECE / 2; ++i) {
-                const u32 d = simt_pair<B>(word, hi, j & 1, h * (PIECE / 2) + i, zc[r]);
+                const int p = h * (PIECE / 2) + i;
+                const u32 d = CODES ? simt_field<B>(word, hi, j & 1, p, false) : simt_pair<B>(word, hi, j & 1, p, zc[r]);
 #pragma unroll
                 for (int m = 0; m < MT; ++m)
                   part[r][m] = jj == 0 && h == 0 && i == 0 ? hmul2(xv[m][i], d) : hfma2(xv[m][i], d, part[r][m]);
@@ -727,7 +772,14 @@ __global__ void __launch_bounds__(W * 32, 16 / W) wonly_gemv_simt(
           const int row = crg * R + r;
           if (lane == r * MT + m && m < mv && row < N) {
             const size_t at = (size_t)(m0 + m) * N + row;
-            u16 out = Cvt<T>::store(fmaf(v, __int_as_float((127 + s_e[m]) << 23), bias ? Cvt<T>::load(bias[row]) : 0.f));
+            const float b = bias ? Cvt<T>::load(bias[row]) : 0.f;
+            u16 out;
+            if (CODES) {  // v = s * sum q * code * 2^-16 (one group: the last chunk's scale and zero are the row's)
+              const Sz sz = st.s[U - 1][r][NSEG - 1];
+              out = Cvt<T>::store(fmaf(fmaf(v, 65536.f, -h2f((u16)sz.s) * (float)sz.z * s_qsum[m]), s_sx[m], b));
+            } else {
+              out = Cvt<T>::store(fmaf(v, __int_as_float((127 + s_e[m]) << 23), b));
+            }
             if (PRO && res) out = Cvt<T>::store(Cvt<T>::load(res[at]) + Cvt<T>::load(out));  // residual + y, as torch adds
             y[at] = out;
           }
@@ -793,10 +845,12 @@ GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
-#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, false, 8>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, SIMT_PLAIN, 8>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(4, 1, 2, 1, F16)
 SIMT(2, 1, 2, 1, F16)
-template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, true, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, SIMT_FUSED, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, SIMT_CODES, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+template __global__ void wonly_gemv_simt<4, 4, 2, 1, BF16, SIMT_CODES, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
 SIMT(3, 1, 2, 1, F16)
 SIMT(8, 1, 2, 1, F16)
 SIMT(4, 4, 2, 1, F16)

@@ -21,6 +21,7 @@ from qtool.kernels import (
 from qtool.kernels.cuda_runtime import cupy_available
 from qtool.kernels.reference import (
     bitplane_gemm_ref,
+    per_token_codes_ref,
     quantize_activations_ref,
     u8_gemm_ref,
     w_only_gemm_ref,
@@ -250,6 +251,12 @@ FUSED = [
     (4, 1, 2048, 4096, 128, False, True, None, False, torch.bfloat16),
     (2, 7, 1000, 2048, 64, True, True, 4, True, torch.float16),
     (3, 3, 500, 1024, 32, False, True, 8, True, torch.bfloat16),
+    # per-channel W2/W4 with quantization (W2A8's o and down, a norm, sliced M, bf16): x stays codes
+    (2, 1, 4096, 4096, None, False, False, 8, False, torch.float16),
+    (2, 1, 4096, 11008, None, False, False, 8, True, torch.float16),
+    (2, 1, 1536, 4096, None, False, True, 8, False, torch.float16),
+    (4, 7, 1000, 2048, None, True, False, 8, True, torch.bfloat16),
+    (3, 3, 500, 1024, None, False, True, 4, False, torch.float16),
 ]
 
 
@@ -267,9 +274,16 @@ def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residu
     xp = wonly_prologue_ref(x, gated, nrm, a_bits)
     expect = w_only_gemm_ref(xp.double(), w, bias, compute_dtype=torch.float64) + (0 if res is None else res.double())
     _close(y, expect, rtol=1e-2 if dtype == torch.float16 else 2e-2)
+    if impl == "simt" and ops.simt_mode(bits, w.scales.shape[1], a_bits, True) == ops.SIMT_CODES:
+        # x' = codes * scale unrounded: against float64 on torch's codes (the partial sums round in fp16)
+        codes = per_token_codes_ref(wonly_prologue_ref(x, gated, nrm), a_bits)
+        expect = w_only_gemm_ref(codes, w, bias, compute_dtype=torch.float64) + (0 if res is None else res.double())
+        _close(y, expect, rtol=2e-3 if dtype == torch.float16 else 8e-3)
+        return
     unfused = w_only_gemm(xp, w, bias, impl=impl)
     unfused = unfused if res is None else res + unfused
     if norm:
         _close(y, unfused.double(), rtol=2e-3)
     else:
         assert torch.equal(y, unfused)
+

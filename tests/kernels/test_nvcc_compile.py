@@ -30,11 +30,11 @@ def test_sources_exist():
 
 
 def _simt_instantiations() -> list[str]:
-    """Every wonly_gemv_simt<B, MT, U, NSEG, T> that ops.w_only_gemm's default dispatch launches (its plan
+    """Every wonly_gemv_simt<B, MT, U, NSEG, T, MODE, W> that ops.w_only_gemm's default dispatch launches (its plan
     depends on bits, group 32 or not and M only; M up to SIMT_MAX_M: the W4/W8 instantiations for M > 1,
     which only a forced impl='simt' reaches, may spill a few bytes since the fused prologue)."""
-    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {str(pro).lower()}, {SIMT_WARPS[pro]}>" for pro in (False, True)
-             for bits in (2, 3, 4, 8) for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
+    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {mode}, {SIMT_WARPS[mode != 0]}>" for mode in (0, 1, 2)
+             for bits in (2, 3, 4, 8) if mode < 2 or bits <= 4 for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
              for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)] for t in ("F16", "BF16")}
     return sorted(names)
 
@@ -71,11 +71,12 @@ def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str,
 def test_simt_gemv_does_not_spill(tmp_path):
     """ptxas -v: no local-memory spills in any plain SIMT GEMV instantiation the dispatch can reach (launch
     bounds cap them at 128 registers: 2 blocks of 256 threads or 1 of 512 per SM); with the fused prologue
-    (mangled 'Lb1E'), at most 8 bytes (W3 bf16 with two groups per word spills 8)."""
+    or codes (MODE 1, 2: mangled 'Li1ELi16E', 'Li2ELi16E'), at most 8 bytes (W3 bf16 with two groups per
+    word spills 8)."""
     args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*)"
     found = _spills(_simt_instantiations(), args, tmp_path)
-    assert [f for f in found if "Lb0E" in f[0] and f[1:] != ("0", "0")] == []
-    assert [f for f in found if "Lb1E" in f[0] and int(f[2]) > 8] == []
+    assert [f for f in found if "Li0ELi8E" in f[0] and f[1:] != ("0", "0")] == []
+    assert [f for f in found if "Li0ELi8E" not in f[0] and int(f[2]) > 8] == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

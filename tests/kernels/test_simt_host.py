@@ -18,7 +18,11 @@ from host_kernel import kernel_source, u16
 
 from qtool.kernels import ops, pack_wonly
 from qtool.kernels.packing import wonly_row_words
-from qtool.kernels.reference import w_only_gemm_ref, wonly_prologue_ref
+from qtool.kernels.reference import (
+    per_token_codes_ref,
+    w_only_gemm_ref,
+    wonly_prologue_ref,
+)
 from qtool.quant.quantizer import minmax_qparams
 
 HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "hmin2", "hmax2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
@@ -48,11 +52,7 @@ def _source() -> str:
 
 
 def _configs():
-    out = set()
-    for bits, dtype, m, n, k, group, nblk, _ in CASES:
-        mt, _, u, nseg, _ = ops.simt_plan(bits, group or k, wonly_row_words(k, bits), m)
-        out.add((bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16"))
-    return sorted(out)
+    return sorted({_config(bits, dtype, m, k, group) for bits, dtype, m, n, k, group, nblk, _ in CASES})
 
 
 def _pack(bits, n, k, group, gen):
@@ -69,9 +69,10 @@ def lib():
 
 
 def build(configs) -> ctypes.CDLL:
-    """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T> for each (B, MT, U, NSEG, 'F16'|'BF16')."""
+    """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T, MODE> for each (B, MT, U, NSEG, 'F16'|'BF16', MODE)
+    (MODE SIMT_FUSED or SIMT_CODES: the host runs the fused instantiation, with no ops, as the plain GEMV)."""
     launch = f"const unsigned THREADS = {32 * ops.SIMT_WARPS[True]};\n" + """
-template <int B, int MT, int U, int NSEG, class T>
+template <int B, int MT, int U, int NSEG, class T, int MODE>
 void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
                 int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
                 int abits, const u16* res, int grid, long smem) {
@@ -83,18 +84,18 @@ void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zero
     emu_smem = sm.data();
     emu_block(THREADS, [=] {
       blockIdx.x = b;
-      wonly_gemv_simt<B, MT, U, NSEG, T, true, THREADS / 32>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
+      wonly_gemv_simt<B, MT, U, NSEG, T, MODE, THREADS / 32>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
                                                nw, eps, abits, res);
     });
   }
 }
-extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, const u32* wq, const u32* whi, const u16* scales,
+extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, int MODE, const u32* wq, const u32* whi, const u16* scales,
                         const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
                         int nblk, int ldx, int gated, const u16* nw, float eps, int abits, const u16* res, int grid, long smem) {
 """
-    for b, mt, u, nseg, t in configs:
-        launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')}) "
-                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
+    for b, mt, u, nseg, t, mode in configs:
+        launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')} && MODE == {mode}) "
+                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}, {mode}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
                    "ldx, gated, nw, eps, abits, res, grid, smem), 0;\n")
     launch += "  return 1;\n}\n"
     return build_library(_source() + launch, "simt_host")
@@ -112,7 +113,8 @@ def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int, gated: bo
     groups = [u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
     halves = [u16(t) if t is not None else None for t in (x, bias, None if norm is None else norm[0], residual)]
     ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves[:2], y, *halves[2:])]
-    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), *ptr[:7], m, w.n, w.k, w.row_words, w.scales.shape[1],
+    mode = ops.simt_mode(w.bits, w.scales.shape[1], a_bits, True)
+    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), mode, *ptr[:7], m, w.n, w.k, w.row_words, w.scales.shape[1],
                       ops._gshift(w), nblk, x.shape[1], int(gated), ptr[7], ctypes.c_float(norm[1] if norm else 0.0),
                       a_bits or 0, ptr[8], nblk * slices, ctypes.c_long(smem))
     assert rc == 0, "instantiation not built"
@@ -145,17 +147,23 @@ PROLOGUE_CASES = [
     (3, torch.float16, 4, 21, 224, 32, False, True, 4, False),
     (8, torch.float16, 1, 19, 416, None, True, False, 8, True),
     (4, torch.float16, 1, 21, 4160, 128, False, True, 8, False),
+    # per-channel W2-W4 with quantization: x stays integer codes (SIMT_CODES)
+    (2, torch.float16, 1, 33, 4160, None, False, False, 8, False),
+    (2, torch.float16, 1, 40, 352, None, False, True, 8, True),
+    (4, torch.bfloat16, 5, 30, 576, None, True, False, 8, True),
+    (3, torch.float16, 4, 21, 224, None, False, True, 4, False),
 ]
 
 
 @pytest.fixture(scope="module")
 def prologue_lib():
-    return build(sorted({_config(c[0], c[1], c[2], c[4], c[5]) for c in PROLOGUE_CASES}))
+    return build(sorted({_config(c[0], c[1], c[2], c[4], c[5], c[8]) for c in PROLOGUE_CASES}))
 
 
-def _config(bits, dtype, m, k, group):
+def _config(bits, dtype, m, k, group, a_bits=None):
     mt, _, u, nseg, _ = ops.simt_plan(bits, group or k, wonly_row_words(k, bits), m)
-    return bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16"
+    groups = -(-k // (group or k))
+    return bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16", ops.simt_mode(bits, groups, a_bits, True)
 
 
 @pytest.mark.parametrize("bits,dtype,m,n,k,group,gated,norm,a_bits,residual", PROLOGUE_CASES,
@@ -170,6 +178,15 @@ def test_simt_prologue_host(prologue_lib, bits, dtype, m, n, k, group, gated, no
     res = torch.randn(m, n, generator=gen).to(dtype) * 4 if residual else None
     out = run(prologue_lib, w, x, bias, 1, gated, nrm, a_bits, res)
     assert not torch.isnan(out).any(), "kernel left unwritten (NaN) outputs"
+    if ops.simt_mode(bits, w.scales.shape[1], a_bits, True) == ops.SIMT_CODES:
+        # x' = codes * scale, unrounded: against float64 on torch's codes (the partial sums round in fp16)
+        expect = w_only_gemm_ref(per_token_codes_ref(wonly_prologue_ref(x, gated, nrm), a_bits), w, bias,
+                                 compute_dtype=torch.float64).double()
+        if res is not None:
+            expect = expect + res.double()
+        err, tol = (out.double() - expect).abs().max().item(), 2e-3 if dtype == torch.float16 else 8e-3  # bf16 y: 2^-9 rounding
+        assert err <= tol * expect.abs().max().item(), f"max err {err:.3g} vs max |ref| {expect.abs().max().item():.3g}"
+        return
     xp = wonly_prologue_ref(x, gated, nrm, a_bits)
     assert not torch.equal(xp, x[:, :k]), "the prologue must change x for this test to see it"
     expect = w_only_gemm_ref(xp.double(), w, bias, compute_dtype=torch.float64).double()
@@ -198,29 +215,32 @@ def _reciprocal_ties(lo: float, hi: float, bits: int) -> torch.Tensor:
     return v[(v * (1 / s)).round() != (v / s).round()]
 
 
-def test_simt_quant_reciprocal_ties_host(prologue_lib_ties):
+@pytest.mark.parametrize("bits,zero", [(8, 128), (4, 0)])  # fake quantization in the prologue (W8), codes (per-channel W4)
+def test_simt_quant_reciprocal_ties_host(prologue_lib_ties, bits, zero):
     """The fused quantizer multiplies by 1 / s and divides only near a half integer: on the fp16 values
-    where the product and the quotient round apart, x' is still torch's (each output row picks one x)."""
-    lo, hi, bits = -6.375, 12.75, 8  # s = 0.075: multiples of s / 2 among the fp16 values
-    ties = _reciprocal_ties(lo, hi, bits)
+    where the product and the quotient round apart, x' is still torch's (each output row picks one x
+    with a one-hot weight row, (q - z) * s = 1)."""
+    lo, hi, a_bits = -6.375, 12.75, 8  # s = 0.075: multiples of s / 2 among the fp16 values
+    ties = _reciprocal_ties(lo, hi, a_bits)
     assert ties.numel() >= 3, "the range must hold values where rint(v * (1 / s)) != rint(v / s)"
     k = 320
     x = torch.linspace(lo, hi, k)
     x[2:2 + ties.numel()] = ties
     x = x.to(torch.float16).unsqueeze(0)
     n = ties.numel()
-    codes = torch.full((n, k), 8)
-    codes[torch.arange(n), 2 + torch.arange(n)] = 9  # row j: (q - z) * s = 1 at x's tie j, 0 elsewhere
-    w = pack_wonly(codes, 4, torch.ones(n, 1), torch.full((n, 1), 8.0), None)
-    out = run(prologue_lib_ties, w, x, None, 1, a_bits=bits)
-    expect = wonly_prologue_ref(x, a_bits=bits)[0, 2:2 + n]
+    codes = torch.full((n, k), zero)
+    codes[torch.arange(n), 2 + torch.arange(n)] = zero + 1
+    w = pack_wonly(codes, bits, torch.ones(n, 1), torch.full((n, 1), float(zero)), None)
+    out = run(prologue_lib_ties, w, x, None, 1, a_bits=a_bits)
+    expect = wonly_prologue_ref(x, a_bits=a_bits)[0, 2:2 + n]
     assert torch.equal(out[0], expect)
     # the product alone would have missed: its x' differs from torch's at some of these values
-    s, z = minmax_qparams(x.float().amin(), x.float().amax(), 2**bits, sym=False)
-    naive = ((torch.clamp((ties * (1 / s)).round() + z, 0, 2**bits - 1) - z) * s).to(torch.float16)
+    s, z = minmax_qparams(x.float().amin(), x.float().amax(), 2**a_bits, sym=False)
+    naive = ((torch.clamp((ties * (1 / s)).round() + z, 0, 2**a_bits - 1) - z) * s).to(torch.float16)
     assert not torch.equal(naive, expect)
 
 
 @pytest.fixture(scope="module")
 def prologue_lib_ties():
-    return build([_config(4, torch.float16, 1, 320, None)])
+    return build([_config(bits, torch.float16, 1, 320, None, 8) for bits in (8, 4)])
+

@@ -19,6 +19,16 @@ SIMT_ROWS = 2  # SIMT_R in wonly_gemv.cu
 # warps per SIMT block (W in wonly_gemv.cu) without / with the fused prologue: one block per SM makes
 # the prologue's passes over x once per SM instead of twice
 SIMT_WARPS = {False: 8, True: 16}
+SIMT_PLAIN, SIMT_FUSED, SIMT_CODES = 0, 1, 2  # MODE in wonly_gemv.cu
+
+
+def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int:
+    """The SIMT GEMV's MODE: with in-kernel quantization of x to <= 8 bits over per-channel W2-W4
+    weights, x stays integer codes (SIMT_CODES: x' = codes * sx exactly, where the fused fake
+    quantization rounds x' to x's dtype); else the prologue (ops or residual) or none."""
+    if a_bits and bits <= 4 and groups == 1:
+        return SIMT_CODES
+    return SIMT_FUSED if prologue else SIMT_PLAIN
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
 # bench/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
@@ -242,9 +252,9 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: b
     smem = _simt_smem(w, m, gated, norm is not None)
     if not _simt_fits(w, m, gated, norm is not None):
         raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
-    pro = gated or norm is not None or bool(a_bits) or residual is not None
-    warps = SIMT_WARPS[pro]
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {str(pro).lower()}, {warps}>")
+    mode = simt_mode(w.bits, w.scales.shape[1], a_bits, gated or norm is not None or residual is not None)
+    warps = SIMT_WARPS[mode != SIMT_PLAIN]
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {mode}, {warps}>")
     key = (rt.handle(fn), smem)
     if key not in _SIMT_OCCUPANCY:
         _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, 32 * warps, smem)
@@ -293,7 +303,8 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
     (x is [M, 2K] gate|up, x' = SiLU(gate) * up), `norm` = (weight, eps) (RMSNorm), `a_bits`
     (per-token fake quantization); `residual` [M, N] is added to y as torch adds it. The SIMT GEMV
     applies them to the x it stages and to y as it stores it (one launch instead of up to six); the
-    other paths run the reference ops around the product."""
+    other paths run the reference ops around the product. Over per-channel W2-W4 weights the SIMT
+    GEMV keeps x' as codes times the scale (simt_mode), without rounding x' to x's dtype first."""
     x = _check_x(x, 2 * w.k if gated else w.k)
     if impl is not None and impl not in WONLY_IMPLS:
         raise QtoolError(f"impl must be one of {WONLY_IMPLS} or None, got {impl!r}")

@@ -16,7 +16,7 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import Segments
-from qtool.quant.quantizer import fake_quant_per_token
+from qtool.quant.quantizer import fake_quant_per_token, minmax_qparams
 
 
 def quantize_codes(x: torch.Tensor, bits: int, seg: Segments):
@@ -131,6 +131,14 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of a fused gate|up output [..., 2I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def per_token_codes_ref(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x quantized per token as fake_quant_per_token quantizes it, returned as codes times the scale in
+    float64, not rounded to x's dtype: what the SIMT GEMV's codes mode (ops.simt_mode) multiplies."""
+    scale, zero = minmax_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 2**bits, sym=False)
+    codes = torch.clamp((x.float() / scale).round() + zero, 0, 2**bits - 1) - zero
+    return codes.double() * scale.double()
 
 
 def wonly_prologue_ref(x: torch.Tensor, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,

@@ -17,6 +17,7 @@ from torch import nn
 from qtool import kernels
 from qtool.errors import QtoolError
 from qtool.fusion import fused
+from qtool.kernels import reference
 from qtool.kernels.packing import (
     WONLY_BITS,
     LowbitWeights,
@@ -207,22 +208,40 @@ class PackedLinear(nn.Module):
         then applies it itself, on the x it stages (kernels.w_only_gemm(a_bits=...))."""
         return self.input_quantization() is not None and len(self._in_sizes) == 1
 
-    def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
+    def quantizes_to_codes(self) -> bool:
+        """Whether the GEMV, quantizing per token itself, keeps x as integer codes (kernels.ops.simt_mode:
+        per-channel W2-W4), which is worth more than its producer's fused quantization."""
+        groups = -(-self.in_features // (self.group or self.in_features))
+        return self.quantizes_per_token() and kernels.ops.simt_mode(self.bits, groups, self.a_bits, True) == kernels.ops.SIMT_CODES
+
+    def forward(self, x: torch.Tensor, input_quantized: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = Q(RMSNorm(x)) @ w_hat^T + bias + residual: `norm` (weight, eps) and `residual` (y's shape)
+        are optional, and the weight-only GEMV applies them inside (kernels.w_only_gemm)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         # fp32 activations on a layer that still holds the fp32 scales (not in kernel form) run the
         # stage's arithmetic on any device: the 16-bit kernels would round activations and scales
         exact = x.dtype == torch.float32 and "scales" in self._buffers
         kernel = x.is_cuda and kernels.cuda_runtime.cupy_available() and not exact
+        fuse = kernel and self.layout == "wonly"  # the norm and the residual add go into the GEMV
+        if residual is not None and self.kv_bits < 16:
+            raise QtoolError("a residual add after a K/V projection with KV-cache quantization is not defined")
+        if norm is not None and not fuse:
+            x2 = reference.rms_norm(x2, norm[0].to(x2.dtype), norm[1])
         quantize = self.a_bits < 16 and not input_quantized
         # on the kernels, the u8 / bit-plane GEMMs quantize to integers and the weight-only GEMV per token
         in_kernel = kernel and (self.layout != "wonly" or self.quantizes_per_token())
         if quantize and not in_kernel:  # eager where exactness is the point: compiled, the division may round differently
             x2 = (fake_quant_clusters if exact else _quantize)(x2, self.a_bits, self._in_sizes)
+        res2 = None if residual is None else residual.reshape(-1, self.out_features)
         if kernel:
-            y = self._forward_kernel(x2, a_bits=self.a_bits if quantize and in_kernel else None)
+            y = self._forward_kernel(x2, self.a_bits if quantize and in_kernel else None, norm if fuse else None,
+                                     res2 if fuse else None)
         else:
             y = self._forward_reference(x2)
+        if res2 is not None and not fuse:
+            y = res2 + y
         y = y.reshape(*shape[:-1], self.out_features)
         if self.kv_bits < 16:
             if self._kv_quant is not None:
@@ -236,14 +255,16 @@ class PackedLinear(nn.Module):
             self._dense = self.dequantized().to(x.device)  # kept: the reference path trades memory for speed
         return nn.functional.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _forward_kernel(self, x: torch.Tensor, a_bits: int | None = None) -> torch.Tensor:
-        """The layer's kernel on 16-bit activations (a_bits: the weight-only GEMV quantizes x per token)."""
+    def _forward_kernel(self, x: torch.Tensor, a_bits: int | None = None, norm=None, residual=None) -> torch.Tensor:
+        """The layer's kernel on 16-bit activations (a_bits: the weight-only GEMV quantizes x per token;
+        norm, residual: see forward, weight-only only)."""
         dtype = x.dtype
         if dtype not in (torch.float16, torch.bfloat16):
             x = x.half()  # the kernels compute on 16-bit activations
+            residual = None if residual is None else residual.half()
         w = self._kernel_weights()
         if self.layout == "wonly":
-            y = kernels.w_only_gemm(x, w, self.bias, a_bits=a_bits)
+            y = kernels.w_only_gemm(x, w, self.bias, a_bits=a_bits, norm=norm, residual=residual)
         else:
             y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
         return y.to(dtype)
