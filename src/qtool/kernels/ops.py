@@ -21,14 +21,6 @@ SIMT_ROWS = 2  # SIMT_R in wonly_gemv.cu
 SIMT_WARPS = {False: 8, True: 16}
 SIMT_PLAIN, SIMT_FUSED, SIMT_CODES = 0, 1, 2  # MODE in wonly_gemv.cu
 
-
-def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int:
-    """The SIMT GEMV's MODE: with in-kernel quantization of x to <= 8 bits over per-channel W2-W4
-    weights, x stays integer codes (SIMT_CODES: x' = codes * sx exactly, where the fused fake
-    quantization rounds x' to x's dtype); else the prologue (ops or residual) or none."""
-    if a_bits and bits <= 4 and groups == 1:
-        return SIMT_CODES
-    return SIMT_FUSED if prologue else SIMT_PLAIN
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
 # GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
 # bench/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
@@ -39,6 +31,15 @@ def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int
 # at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
 SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}
 WONLY_IMPLS = ("simt", "mma", "dequant")
+
+
+def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int:
+    """The SIMT GEMV's MODE: with in-kernel quantization of x to <= 8 bits over per-channel W2-W4
+    weights, x stays integer codes (SIMT_CODES: x' = codes * sx exactly, where the fused fake
+    quantization rounds x' to x's dtype); else the prologue (ops or residual) or none."""
+    if a_bits and bits <= 4 and groups == 1:
+        return SIMT_CODES
+    return SIMT_FUSED if prologue else SIMT_PLAIN
 
 
 def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:

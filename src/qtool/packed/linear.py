@@ -210,7 +210,7 @@ class PackedLinear(nn.Module):
 
     def quantizes_to_codes(self) -> bool:
         """Whether the GEMV, quantizing per token itself, keeps x as integer codes (kernels.ops.simt_mode:
-        per-channel W2-W4), which is worth more than its producer's fused quantization."""
+        per-channel W2-W4): the Decoder's fused decode step runs on such GEMVs."""
         groups = -(-self.in_features // (self.group or self.in_features))
         return self.quantizes_per_token() and kernels.ops.simt_mode(self.bits, groups, self.a_bits, True) == kernels.ops.SIMT_CODES
 
