@@ -137,11 +137,12 @@ class _Norm:
             self.perm = self.perm.to(device)
 
     def weight_eps(self) -> tuple[torch.Tensor, float]:
+        """(weight, eps): the norm's operands, for add_rms_norm or a GEMV that applies it (fused_step)."""
         return self.module.weight, float(self.module.variance_epsilon)
 
     def __call__(self, h, residual):
         if self.fast:
-            return add_rms_norm(h, residual, self.module.weight, float(self.module.variance_epsilon), self.perm, self.quant)
+            return add_rms_norm(h, residual, *self.weight_eps(), self.perm, self.quant)
         s = h if residual is None else residual + h
         return self.module(s), s
 
