@@ -845,12 +845,13 @@ GEMV(2, 1, false, F16)
 GEMV(3, 1, true, BF16)
 GEMV(4, 2, true, F16)
 GEMV(8, 2, true, F16)
-#define SIMT(B, MT, U, NSEG, T) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, SIMT_PLAIN, 8>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+#define SIMT_MODE(B, MT, U, NSEG, T, MODE, W) template __global__ void wonly_gemv_simt<B, MT, U, NSEG, T, MODE, W>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+#define SIMT(B, MT, U, NSEG, T) SIMT_MODE(B, MT, U, NSEG, T, SIMT_PLAIN, 8)
 SIMT(4, 1, 2, 1, F16)
 SIMT(2, 1, 2, 1, F16)
-template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, SIMT_FUSED, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
-template __global__ void wonly_gemv_simt<2, 1, 2, 1, F16, SIMT_CODES, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
-template __global__ void wonly_gemv_simt<4, 4, 2, 1, BF16, SIMT_CODES, 16>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*);
+SIMT_MODE(2, 1, 2, 1, F16, SIMT_FUSED, 16)
+SIMT_MODE(2, 1, 2, 1, F16, SIMT_CODES, 16)
+SIMT_MODE(4, 4, 2, 1, BF16, SIMT_CODES, 16)
 SIMT(3, 1, 2, 1, F16)
 SIMT(8, 1, 2, 1, F16)
 SIMT(4, 4, 2, 1, F16)
