@@ -543,9 +543,9 @@ __device__ bool simt_prologue(uint4* xsm, int XQ, int up, int nw, bool norm, int
         code_sum[m] = qsum[0][m];
       }
   }
-  // max |x'| = T(max |q| * s): the product and the rounding to T are monotone and odd
+  // max |x'| = T(max |q| * s): the product and the rounding to T are monotone and odd (CODES: unused)
 #pragma unroll
-  for (int m = 0; m < MT; ++m) amax[m] = Cvt<T>::store(qmax[m] * qs[m]) & 0x7fffu;
+  for (int m = 0; m < MT; ++m) amax[m] = CODES ? 0u : Cvt<T>::store(qmax[m] * qs[m]) & 0x7fffu;
   __syncthreads();
   return true;
 }
