@@ -6,7 +6,7 @@ replays its step), CUDA events, warm-up, median of --reps, the weights rotated o
 exceed L2.
 
 Usage: PYTHONPATH=src python3 bench/fused_gemv.py --bits 2 --a-bits 8 --out bench/results/fused_gemv_h100.jsonl
-(--shapes decoder: only what the Decoder fuses at W2A8, the input quantization of o_proj and down_proj;
+(--shapes decoder: o_proj and down_proj with their input quantization alone, no residual;
 --warps P,F: warps per block of the plain and the fused GEMV, against ops.SIMT_WARPS)
 """
 

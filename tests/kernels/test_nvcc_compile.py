@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from qtool.kernels.ops import GEMV_MAX_M, SIMT_MAX_M, SIMT_WARPS, mma_plan, simt_plan
+from qtool.kernels.ops import (
+    GEMV_MAX_M,
+    SIMT_CODES,
+    SIMT_FUSED,
+    SIMT_MAX_M,
+    SIMT_PLAIN,
+    SIMT_WARPS,
+    mma_plan,
+    simt_plan,
+)
 
 SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels" / "cuda").glob("*.cu"))
 
@@ -33,8 +42,9 @@ def _simt_instantiations() -> list[str]:
     """Every wonly_gemv_simt<B, MT, U, NSEG, T, MODE, W> that ops.w_only_gemm's default dispatch launches (its plan
     depends on bits, group 32 or not and M only; M up to SIMT_MAX_M: the W4/W8 instantiations for M > 1,
     which only a forced impl='simt' reaches, may spill a few bytes since the fused prologue)."""
-    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {mode}, {SIMT_WARPS[mode != 0]}>" for mode in (0, 1, 2)
-             for bits in (2, 3, 4, 8) if mode < 2 or bits <= 4 for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
+    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {mode}, {SIMT_WARPS[mode != SIMT_PLAIN]}>"
+             for mode in (SIMT_PLAIN, SIMT_FUSED, SIMT_CODES)
+             for bits in (2, 3, 4, 8) if mode != SIMT_CODES or bits <= 4 for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
              for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)] for t in ("F16", "BF16")}
     return sorted(names)
 
