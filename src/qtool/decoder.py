@@ -250,7 +250,7 @@ class Decoder:
         mask = None if step else self._key_pos.unsqueeze(0) <= positions.unsqueeze(1)  # [T, max_len]: causal over the cache
         residual = None
         for i, blk in enumerate(self.blocks):
-            attend = partial(self._decode_attention, i, blk.scaling, cos, sin, positions)
+            attend = partial(self._decode_attention, i, blk.scaling, cos, sin, positions) if step else None
             if step and blk.fusable and b <= FUSED_STEP_MAX_BATCH:
                 h, residual = blk.fused_step(h, residual, attend)
                 continue
