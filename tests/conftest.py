@@ -26,11 +26,15 @@ def tiny_model(family: str, seed: int = 0):
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
     if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2, sliding_window=16)).eval()
+        return MistralForCausalLM(
+            MistralConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2, sliding_window=16)
+        ).eval()
     if family == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
     if family == "opt":
-        return OPTForCausalLM(OPTConfig(**_COMMON, ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64)).eval()
+        return OPTForCausalLM(
+            OPTConfig(**_COMMON, ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64)
+        ).eval()
     raise ValueError(family)
 
 
@@ -52,7 +56,9 @@ def smollm2_tokenizer(smollm2_dir):
 def tiny_dir(tmp_path, smollm2_tokenizer):
     """A tiny random llama saved as a model directory, with SmolLM2's tokenizer (vocab sized to fit)."""
     torch.manual_seed(0)
-    config = LlamaConfig(**{**_COMMON, "vocab_size": len(smollm2_tokenizer)}, intermediate_size=96, num_key_value_heads=2)
+    config = LlamaConfig(
+        **{**_COMMON, "vocab_size": len(smollm2_tokenizer)}, intermediate_size=96, num_key_value_heads=2
+    )
     model = LlamaForCausalLM(config).eval()
     path = tmp_path / "tiny-llama"
     model.save_pretrained(path)

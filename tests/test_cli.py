@@ -20,7 +20,9 @@ def run_cli(capsys, monkeypatch, *args):
 
 
 def test_eval_json_is_the_last_line(capsys, monkeypatch, tiny_dir):
-    code, out, _ = run_cli(capsys, monkeypatch, "eval", tiny_dir, "--seqlen", 16, "--windows", 2, "--device", "cpu", "--json")
+    code, out, _ = run_cli(
+        capsys, monkeypatch, "eval", tiny_dir, "--seqlen", 16, "--windows", 2, "--device", "cpu", "--json"
+    )
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
     assert {"ppl", "seqlen", "windows", "spec"} <= result.keys() and result["windows"] == 2
@@ -58,13 +60,29 @@ def bad_inputs(tmp_path, tiny_dir):
         "unknown task": (["eval", tiny_dir, "--tasks", "piqa,hellaswag"], "unknown task 'hellaswag'"),
         "bad task data": (["eval", tiny_dir, "--tasks", "piqa", "--task-data", "piqa"], "must read TASK=PATH"),
         "reorder a plain model": (["reorder", tiny_dir, "-o", tmp_path / "r"], "needs a 'calibrate' stage"),
-        "tune-e2e without quantized weights": (["tune-e2e", tiny_dir, "-o", tmp_path / "e"], "has no quantized weights"),
+        "tune-e2e without quantized weights": (
+            ["tune-e2e", tiny_dir, "-o", tmp_path / "e"],
+            "has no quantized weights",
+        ),
     }
 
 
-CASES = ["missing path", "not a model directory", "unknown id offline", "truncated safetensors", "incompatible manifest",
-         "invalid spec", "unknown recipe key", "empty data file", "static spec without stats", "no GPU",
-         "unknown task", "bad task data", "reorder a plain model", "tune-e2e without quantized weights"]
+CASES = [
+    "missing path",
+    "not a model directory",
+    "unknown id offline",
+    "truncated safetensors",
+    "incompatible manifest",
+    "invalid spec",
+    "unknown recipe key",
+    "empty data file",
+    "static spec without stats",
+    "no GPU",
+    "unknown task",
+    "bad task data",
+    "reorder a plain model",
+    "tune-e2e without quantized weights",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

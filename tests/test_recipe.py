@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.recipe import load_recipe, run_recipe
 
 
@@ -15,7 +15,10 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("model: m\nworkdir: w\nsteps:\n  - calibrate: {sampels: 4}\n", "steps\\[0\\].calibrate: unknown key 'sampels'"),
+        (
+            "model: m\nworkdir: w\nsteps:\n  - calibrate: {sampels: 4}\n",
+            "steps\\[0\\].calibrate: unknown key 'sampels'",
+        ),
         ("model: m\nworkdir: w\nsteps:\n  - quantize: {}\n", "unknown stage 'quantize'"),
         ("model: m\nworkdir: w\nstep: []\n", "unknown key 'step'"),
         ("model: m\nsteps:\n  - eval: {}\n", "missing key 'workdir'"),

@@ -395,7 +395,7 @@ template <int W, int MT, int NV, class Op> __device__ __forceinline__ void block
 //   gated: x = silu(gate) * up (gate staged as x, up as MT more rows at uint4 offset `up`, ldx = 2K);
 //   norm (its weight staged as one more row at offset `nw`): transformers' RMSNorm,
 //   x = w * T(x * rsqrt(mean(x^2) + eps)) (the mean over K: the padding adds zeros);
-//   abits: per-row asymmetric fake quantization (quant.quantizer.fake_quant_per_token; scale =
+//   abits: per-row asymmetric fake quantization (core.quantizer.fake_quant_per_token; scale =
 //   max(hi - lo, 1e-8) * (1 / (2^b - 1)) as CUDA torch divides a tensor by a Python number).
 // up and the norm weight are staged in x's swizzle, so the passes walk shared memory linearly (the
 // swizzle is a permutation of k the ops do not see; walked in k order, 8 lanes hit one bank); each

@@ -10,10 +10,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize LLMs to low bit-widths (RPTQ, OmniQuant, EfficientQAT, ABQ-LLM) and run them.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantize LLMs to low bit-widths (RPTQ, OmniQuant, EfficientQAT, ABQ-LLM) and run them.",
+)
 
 DEVICE = typer.Option("auto", help="Compute device: auto, cpu, cuda, cuda:N.")
 JSON = typer.Option(False, "--json", help="Print one JSON object as the last line.")
@@ -29,7 +33,7 @@ def _quiet_libraries() -> None:
 
 
 def _finish(result: dict, as_json: bool, table: Table | None = None) -> None:
-    from qtool.runtime import console
+    from qtool.core.progress import console
 
     if table is not None:
         console.print(table)
@@ -58,16 +62,22 @@ def calibrate(
     as_json: bool = JSON,
 ):
     """Per-channel activation statistics (min, max, absmax) at every linear input and q/k/v output."""
-    from qtool.calibrate import CalibrateParams
-    from qtool.calibrate import calibrate as run
+    from qtool.stages.calibrate import CalibrateParams
+    from qtool.stages.calibrate import calibrate as run
 
-    result = run(CalibrateParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field), device, batch_size)
+    result = run(
+        CalibrateParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field),
+        device,
+        batch_size,
+    )
     _finish(result, as_json)
 
 
 @app.command("tune-e2e")
 def tune_e2e(
-    model: str = typer.Argument(..., help="A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."),
+    model: str = typer.Argument(
+        ..., help="A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
     spec: Optional[str] = typer.Option(None, help="Weight-only spec (e.g. W2A16-g64); default: the stage's own."),
     data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
@@ -88,18 +98,38 @@ def tune_e2e(
     as_json: bool = JSON,
 ):
     """E2E-QP: train the per-group step sizes end to end (codes and zero points frozen)."""
-    from qtool.tune_e2e import TuneE2EParams
-    from qtool.tune_e2e import tune_e2e as run
+    from qtool.stages.tune_e2e import TuneE2EParams
+    from qtool.stages.tune_e2e import tune_e2e as run
 
-    params = TuneE2EParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
-                           spec=spec, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                           batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-                           grad_checkpointing=grad_checkpointing)
+    params = TuneE2EParams(
+        model,
+        out,
+        data=data,
+        samples=samples,
+        seqlen=seqlen,
+        seed=seed,
+        text_field=text_field,
+        spec=spec,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        grad_checkpointing=grad_checkpointing,
+    )
     result = run(params, device, save_every)
-    rows = {k: result[k] for k in ("out", "spec", "steps", "final_loss", "trainable_params", "device", "seconds") if k in result}
+    rows = {
+        k: result[k]
+        for k in ("out", "spec", "steps", "final_loss", "trainable_params", "device", "seconds")
+        if k in result
+    }
     if "peak_memory_bytes" in result:
         rows["peak memory"] = f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
     _finish(result, as_json, _kv_table("qtool tune-e2e", rows))
+
+
 @app.command()
 def reorder(
     model: str = typer.Argument(..., help="A calibrate stage directory."),
@@ -110,8 +140,8 @@ def reorder(
     as_json: bool = JSON,
 ):
     """RPTQ: cluster channels by calibration range, fold the reordering into the weights."""
-    from qtool.reorder import ReorderParams
-    from qtool.reorder import reorder as run
+    from qtool.stages.reorder import ReorderParams
+    from qtool.stages.reorder import reorder as run
 
     _finish(run(ReorderParams(model, out, clusters=clusters, head_clusters=head_clusters, seed=seed)), as_json)
 
@@ -125,7 +155,7 @@ def memory(
     as_json: bool = JSON,
 ):
     """Weight and KV-cache bytes from the model configuration alone (no weights are read)."""
-    from qtool.eval.memory import config_memory
+    from qtool.metrics.memory import config_memory
 
     rows = config_memory(model, spec, batch, seqlen)
     table = Table(title=f"qtool memory {model} (batch {batch}, {seqlen} tokens)")
@@ -139,7 +169,10 @@ def memory(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
-    spec: Optional[str] = typer.Option(None, help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise."),
+    spec: Optional[str] = typer.Option(
+        None,
+        help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise.",
+    ),
     data: str = typer.Option("wikitext2-test", help="wikitext2-test, wikitext2-valid, or a .txt/.jsonl file."),
     seqlen: int = typer.Option(2048, min=2, help="Tokens per evaluation window."),
     windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows (default: all)."),
@@ -147,7 +180,9 @@ def eval_(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     mem_batch: int = typer.Option(1, min=1, help="Batch size for the KV-cache memory accounting."),
     mem_seqlen: int = typer.Option(2048, min=1, help="Sequence length for the KV-cache memory accounting."),
-    tasks: Optional[str] = typer.Option(None, help="Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada_openai."),
+    tasks: Optional[str] = typer.Option(
+        None, help="Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada_openai."
+    ),
     limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N documents of each task."),
     task_data: Optional[str] = typer.Option(None, help="Replace bundled task files: TASK=PATH[,TASK=PATH]."),
     ppl: Optional[bool] = typer.Option(None, "--ppl/--no-ppl", help="Perplexity too (default: only when no --tasks)."),
@@ -157,21 +192,25 @@ def eval_(
 ):
     """Perplexity (WikiText-2 protocol), zero-shot accuracy (lm-evaluation-harness 0.4 rules) and
     weight / KV-cache memory of a model or stage."""
-    from qtool.eval.run import EvalParams, evaluate
-    from qtool.eval.tasks import results_table
-    from qtool.runtime import console
+    from qtool.core.progress import console
+    from qtool.metrics.tasks import results_table
+    from qtool.stages.eval import EvalParams, evaluate
 
-    params = EvalParams(model, spec, data, seqlen, windows, text_field, dtype, mem_batch, mem_seqlen, tasks, limit, task_data, ppl)
+    params = EvalParams(
+        model, spec, data, seqlen, windows, text_field, dtype, mem_batch, mem_seqlen, tasks, limit, task_data, ppl
+    )
     result = evaluate(params, device, batch_size)
     mem = result["memory"]
     rows = {"model": result["model"], "spec": result["spec"]}
     if result["ppl"] is not None:
         rows.update({"perplexity": result["ppl"], "windows x seqlen": f"{result['windows']} x {result['seqlen']}"})
-    rows.update({
-        "weights": f"{mem['weight_bytes'] / 2**20:.1f} MiB ({mem['weight_bits_per_param']:.3f} bits/param in block linears)",
-        f"KV cache (batch {mem['batch']}, {mem['seqlen']} tokens)": f"{mem['kv_bytes'] / 2**20:.1f} MiB",
-        "time": f"{result['seconds']} s on {result['device']}",
-    })
+    rows.update(
+        {
+            "weights": f"{mem['weight_bytes'] / 2**20:.1f} MiB ({mem['weight_bits_per_param']:.3f} bits/param in block linears)",
+            f"KV cache (batch {mem['batch']}, {mem['seqlen']} tokens)": f"{mem['kv_bytes'] / 2**20:.1f} MiB",
+            "time": f"{result['seconds']} s on {result['device']}",
+        }
+    )
     if "tasks" in result:
         console.print(results_table(result["tasks"], title=f"zero-shot, {result['spec']}"))
     _finish(result, as_json, _kv_table("qtool eval", rows))
@@ -179,17 +218,28 @@ def eval_(
 
 @app.command()
 def pack(
-    model: str = typer.Argument(..., help="A quantized stage (train-blockap, tune-e2e, reorder), or any model with --spec (RTN)."),
+    model: str = typer.Argument(
+        ..., help="A quantized stage (train-blockap, tune-e2e, reorder), or any model with --spec (RTN)."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Directory to write."),
-    spec: Optional[str] = typer.Option(None, help="Spec to pack (default: the stage's own), e.g. W4A16-g128, W4A4, W4A4KV4."),
-    format: str = typer.Option("qtool", "--format", help="qtool (kernels, `qtool.load`), gptq or compressed-tensors (weight-only exports)."),
-    dtype: str = typer.Option("float32", help="dtype of the tensors that stay float (embeddings, norms, head): float32, float16, bfloat16."),
-    layout: str = typer.Option("auto", help="Kernel layout: auto (weight-only wherever it holds the width), wonly, u8 (integer tensor cores), planes (bit-plane GEMM)."),
+    spec: Optional[str] = typer.Option(
+        None, help="Spec to pack (default: the stage's own), e.g. W4A16-g128, W4A4, W4A4KV4."
+    ),
+    format: str = typer.Option(
+        "qtool", "--format", help="qtool (kernels, `qtool.load`), gptq or compressed-tensors (weight-only exports)."
+    ),
+    dtype: str = typer.Option(
+        "float32", help="dtype of the tensors that stay float (embeddings, norms, head): float32, float16, bfloat16."
+    ),
+    layout: str = typer.Option(
+        "auto",
+        help="Kernel layout: auto (weight-only wherever it holds the width), wonly, u8 (integer tensor cores), planes (bit-plane GEMM).",
+    ),
     as_json: bool = JSON,
 ):
     """Pack a quantized stage into the kernels' layout (or export GPTQ / compressed-tensors)."""
-    from qtool.pack import PackParams
-    from qtool.pack import pack as run_stage
+    from qtool.stages.pack import PackParams
+    from qtool.stages.pack import pack as run_stage
 
     result = run_stage(PackParams(model, out, spec=spec, format=format, dtype=dtype, layout=layout))
     keys = ("out", "spec", "layout", "format", "disk_bytes", "bits_per_weight", "bits_per_weight_gpu", "seconds")
@@ -206,11 +256,14 @@ def generate(
     as_json: bool = JSON,
 ):
     """Greedy generation through qtool's Decoder (llama, mistral, qwen2; transformers' generate otherwise)."""
-    from qtool.generate import generate_text
+    from qtool.runtime.generate import generate_text
 
     result = generate_text(model, prompt, max_new_tokens, device, dtype)
-    rows = {"text": result["text"], "tokens": result["new_tokens"],
-            "speed": f"{result['tokens_per_s']} tokens/s ({result['runtime']} on {result['device']})"}
+    rows = {
+        "text": result["text"],
+        "tokens": result["new_tokens"],
+        "speed": f"{result['tokens_per_s']} tokens/s ({result['runtime']} on {result['device']})",
+    }
     _finish(result, as_json, _kv_table("qtool generate", rows))
 
 
@@ -231,19 +284,38 @@ def train_blockap(
     lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate, efficientqat (preset default)."),
     lr_qparams: Optional[float] = typer.Option(None, help="Scale/zero learning rate, efficientqat (preset default)."),
     lr_comp: Optional[float] = typer.Option(None, help="Compensation-vector learning rate, abq (preset default)."),
-    cosine: Optional[bool] = typer.Option(None, "--cosine/--no-cosine", help="Cosine learning-rate schedule (preset default)."),
+    cosine: Optional[bool] = typer.Option(
+        None, "--cosine/--no-cosine", help="Cosine learning-rate schedule (preset default)."
+    ),
     alpha: float = typer.Option(0.5, help="LET migration strength."),
     text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
     device: str = DEVICE,
     as_json: bool = JSON,
 ):
     """Block-wise training of the quantized model; saves folded weights and learned scales/zeros."""
-    from qtool.blockap import BlockAPParams
-    from qtool.blockap import train_blockap as run_stage
+    from qtool.stages.train_blockap import BlockAPParams
+    from qtool.stages.train_blockap import train_blockap as run_stage
 
-    params = BlockAPParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field,
-                           preset=preset, spec=spec, epochs=epochs, batch=train_batch, lr_let=lr_let, lr_lwc=lr_lwc,
-                           lr_weight=lr_weight, lr_qparams=lr_qparams, lr_comp=lr_comp, cosine=cosine, alpha=alpha)
+    params = BlockAPParams(
+        model,
+        out,
+        data=data,
+        samples=samples,
+        seqlen=seqlen,
+        seed=seed,
+        text_field=text_field,
+        preset=preset,
+        spec=spec,
+        epochs=epochs,
+        batch=train_batch,
+        lr_let=lr_let,
+        lr_lwc=lr_lwc,
+        lr_weight=lr_weight,
+        lr_qparams=lr_qparams,
+        lr_comp=lr_comp,
+        cosine=cosine,
+        alpha=alpha,
+    )
     _finish(run_stage(params, device, train_batch), as_json)
 
 
@@ -285,7 +357,7 @@ def main() -> None:
     try:
         app()
     except QtoolError as exc:
-        from qtool.runtime import console
+        from qtool.core.progress import console
 
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from qtool.checkpoint import stage_fingerprint
-from qtool.errors import QtoolError
-from qtool.runtime import console, open_source
+from qtool.core.checkpoint import stage_fingerprint
+from qtool.core.errors import QtoolError
+from qtool.core.progress import console
+from qtool.runtime.loader import open_source
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,12 @@ class StepKind:
 
 
 def _steps() -> dict[str, StepKind]:
-    from qtool.blockap import BlockAPParams, train_blockap
-    from qtool.calibrate import CalibrateParams, calibrate
-    from qtool.eval.run import EvalParams, evaluate
-    from qtool.pack import PackParams, pack
-    from qtool.reorder import ReorderParams, reorder
-    from qtool.tune_e2e import TuneE2EParams, tune_e2e
+    from qtool.stages.calibrate import CalibrateParams, calibrate
+    from qtool.stages.eval import EvalParams, evaluate
+    from qtool.stages.pack import PackParams, pack
+    from qtool.stages.reorder import ReorderParams, reorder
+    from qtool.stages.train_blockap import BlockAPParams, train_blockap
+    from qtool.stages.tune_e2e import TuneE2EParams, tune_e2e
 
     return {
         "calibrate": StepKind(CalibrateParams, calibrate, True),
@@ -76,7 +77,9 @@ def _runtime_options(run: Callable) -> dict:
     """Options of a stage function that do not change its result (batch size, checkpoint period):
     its keyword parameters besides `params` and `device`."""
     hints = typing.get_type_hints(run)
-    return {name: hints[name] for name in inspect.signature(run).parameters if name not in ("params", "device", "return")}
+    return {
+        name: hints[name] for name in inspect.signature(run).parameters if name not in ("params", "device", "return")
+    }
 
 
 def _type_ok(value, hint) -> bool:
@@ -92,7 +95,11 @@ def _type_ok(value, hint) -> bool:
 
 
 def _type_name(hint) -> str:
-    return " or ".join(_type_name(a) for a in typing.get_args(hint)) if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
+    return (
+        " or ".join(_type_name(a) for a in typing.get_args(hint))
+        if typing.get_args(hint)
+        else getattr(hint, "__name__", str(hint))
+    )
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -121,14 +128,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         where = f"recipe {path}: steps[{index}]"
         if not isinstance(entry, dict) or len(entry) != 1:
             raise QtoolError(f"{where} must be a mapping with one stage name, e.g. '- calibrate: {{samples: 128}}'")
-        (kind, options), = entry.items()
+        ((kind, options),) = entry.items()
         if kind not in kinds:
             raise QtoolError(f"{where}: unknown stage '{kind}' (known: {', '.join(kinds)})")
         options = options or {}
         if not isinstance(options, dict):
             raise QtoolError(f"{where}.{kind} must be a mapping of options")
         hints = typing.get_type_hints(kinds[kind].params)
-        fields = {f.name: hints[f.name] for f in dataclasses.fields(kinds[kind].params) if f.name not in ("model", "out")}
+        fields = {
+            f.name: hints[f.name] for f in dataclasses.fields(kinds[kind].params) if f.name not in ("model", "out")
+        }
         runtime_hints = _runtime_options(kinds[kind].run)
         params, runtime = {}, {}
         for key, value in options.items():

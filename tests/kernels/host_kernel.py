@@ -31,7 +31,7 @@ def kernel_source(name: str, helpers: tuple[str, ...]) -> str:
             if depth == 0:
                 break
         first = m.start() if first is None else min(first, m.start())
-        src = src[:m.start()] + f"/* {helper}: shim */" + src[i:]
+        src = src[: m.start()] + f"/* {helper}: shim */" + src[i:]
     return src[:first] + "EMU_HELPERS\n" + src[first:]
 
 
@@ -43,8 +43,12 @@ def build(code: str, name: str) -> ctypes.CDLL:
     if not so.exists():
         cpp, tmp = so.with_suffix(".cpp"), so.with_suffix(f".{os.getpid()}.so")  # renamed when built: parallel runs
         cpp.write_text(code)
-        r = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(tmp), str(cpp)],
-                           check=False, capture_output=True, text=True)
+        r = subprocess.run(
+            ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(tmp), str(cpp)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         os.replace(tmp, so)
     return ctypes.CDLL(str(so))

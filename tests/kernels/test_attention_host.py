@@ -32,8 +32,12 @@ F16, BF16 = torch.float16, torch.bfloat16
 SHAPES = [(1, 4, 4, 64), (2, 6, 2, 64), (1, 8, 1, 128), (1, 2, 2, 128)]
 LENGTHS = [(1, None), (64, None), (150, None), (70, 16)]
 WHERE = ["first", "chunk_end", "chunk_start", "last"]
-CASES = [(shape, length, chunk, where, (F16, BF16)[(i + j) % 2]) for shape in SHAPES
-         for i, (length, chunk) in enumerate(LENGTHS) for j, where in enumerate(WHERE[: 1 if length == 1 else 4])]
+CASES = [
+    (shape, length, chunk, where, (F16, BF16)[(i + j) % 2])
+    for shape in SHAPES
+    for i, (length, chunk) in enumerate(LENGTHS)
+    for j, where in enumerate(WHERE[: 1 if length == 1 else 4])
+]
 
 
 def _source() -> str:
@@ -85,17 +89,26 @@ def _configs():
 def lib() -> ctypes.CDLL:
     """A shared library running decode_attention<D, G, T> for each (D, G, 'F16'|'BF16') of CASES."""
     code = f"const long GUARD = {GUARD};\n" + _source() + LAUNCH
-    code += ("extern \"C\" int run_attention(int D, int G, int f16, const u16* qkv, int qkv_stride, const u16* cosv, "
-             "const u16* sinv, u16* kc, u16* vc, const long long* pos, u16* out, float* ws, u32* counters, int H, int Hkv, "
-             "int L, int chunk, int splits, float scale, long smem, int nbk, int reverse) {\n")
+    code += (
+        'extern "C" int run_attention(int D, int G, int f16, const u16* qkv, int qkv_stride, const u16* cosv, '
+        "const u16* sinv, u16* kc, u16* vc, const long long* pos, u16* out, float* ws, u32* counters, int H, int Hkv, "
+        "int L, int chunk, int splits, float scale, long smem, int nbk, int reverse) {\n"
+    )
     for d, g, t in _configs():
-        code += (f"  if (D == {d} && G == {g} && f16 == {int(t == 'F16')}) return emu_launch<{d}, {g}, {t}>(qkv, qkv_stride, "
-                 "cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale, smem, nbk, reverse);\n")
+        code += (
+            f"  if (D == {d} && G == {g} && f16 == {int(t == 'F16')}) return emu_launch<{d}, {g}, {t}>(qkv, qkv_stride, "
+            "cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale, smem, nbk, reverse);\n"
+        )
     code += "  return 1;\n}\n"
     lib = build(code, "attention_host")
     p = ctypes.c_void_p
-    lib.run_attention.argtypes = [ctypes.c_int] * 3 + [p, ctypes.c_int] + [p] * 8 + [ctypes.c_int] * 5 + [
-        ctypes.c_float, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    lib.run_attention.argtypes = (
+        [ctypes.c_int] * 3
+        + [p, ctypes.c_int]
+        + [p] * 8
+        + [ctypes.c_int] * 5
+        + [ctypes.c_float, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    )
     return lib
 
 
@@ -115,8 +128,23 @@ def run(lib, qkv, cos, sin, kc, vc, p: int, heads: int, scale: float, chunk: int
     counters = np.zeros(b * kv_heads, dtype=np.uint32)
     ptr = [a.ctypes.data for a in (rows, cs, sn, k, v, pos, out, ws, counters)]
     g = heads // kv_heads
-    rc = lib.run_attention(d, g, int(qkv.dtype == F16), ptr[0], rows.shape[1], *ptr[1:], heads, kv_heads, length, chunk,
-                           splits, scale, attention.smem_bytes(g, d, chunk), b * kv_heads, int(reverse))
+    rc = lib.run_attention(
+        d,
+        g,
+        int(qkv.dtype == F16),
+        ptr[0],
+        rows.shape[1],
+        *ptr[1:],
+        heads,
+        kv_heads,
+        length,
+        chunk,
+        splits,
+        scale,
+        attention.smem_bytes(g, d, chunk),
+        b * kv_heads,
+        int(reverse),
+    )
     assert rc == 0, "instantiation not built" if rc == 1 else "wrote past the dynamic shared memory"
     return _t(out, qkv.dtype), _t(k, qkv.dtype).view(kc.shape), _t(v, qkv.dtype).view(vc.shape), counters
 
@@ -135,11 +163,18 @@ def test_decode_attention_host(lib, shape, length, chunk, where, dtype):
         chunk, splits = ws.chunk, ws.splits
     else:
         splits = -(-length // chunk)
-    p = {"first": 0, "chunk_end": min(chunk - 1, length - 1), "chunk_start": min(chunk, length - 1), "last": length - 1}[where]
+    p = {
+        "first": 0,
+        "chunk_end": min(chunk - 1, length - 1),
+        "chunk_start": min(chunk, length - 1),
+        "last": length - 1,
+    }[where]
     qkv, cos, sin, kc, vc = _inputs(b, heads, kv_heads, d, length, dtype, "cpu", seed=length + p)
     rk, rv = kc.clone(), vc.clone()
-    expect = attention.decode_attention_ref(qkv, cos, sin, rk, rv, torch.tensor([p]), heads, d ** -0.5, compute=torch.float64)
-    out, k, v, counters = run(lib, qkv, cos, sin, kc, vc, p, heads, d ** -0.5, chunk, splits)
+    expect = attention.decode_attention_ref(
+        qkv, cos, sin, rk, rv, torch.tensor([p]), heads, d**-0.5, compute=torch.float64
+    )
+    out, k, v, counters = run(lib, qkv, cos, sin, kc, vc, p, heads, d**-0.5, chunk, splits)
     tol = 2e-3 if dtype == F16 else 1.6e-2
     assert not out.isnan().any(), "kernel left unwritten (NaN) outputs"
     torch.testing.assert_close(out.double(), expect.double(), rtol=tol, atol=tol)
@@ -149,5 +184,5 @@ def test_decode_attention_host(lib, shape, length, chunk, where, dtype):
     torch.testing.assert_close(k[:, :, keep], rk[:, :, keep], rtol=0, atol=0)
     assert not counters.any(), "counters not reset for the next launch"
     if splits > 1 and where == "chunk_start":  # another block combines: the same bits
-        again = run(lib, qkv, cos, sin, kc, vc, p, heads, d ** -0.5, chunk, splits, reverse=True)[0]
+        again = run(lib, qkv, cos, sin, kc, vc, p, heads, d**-0.5, chunk, splits, reverse=True)[0]
         assert torch.equal(again.view(torch.int16), out.view(torch.int16))

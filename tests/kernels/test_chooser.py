@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels.chooser import choose, default_path, load_table
 
 
@@ -23,10 +23,12 @@ def test_defaults_without_table(tmp_path, monkeypatch):
 
 def test_table_overrides_default(tmp_path, monkeypatch):
     monkeypatch.setenv("QTOOL_CACHE", str(tmp_path))
-    rows = [dict(wbits=4, abits=4, m=1, n=4096, k=4096, path="u8", us=20.0),
-            dict(wbits=4, abits=4, m=1, n=4096, k=4096, path="bitplane", us=10.0),
-            dict(wbits=4, abits=4, m=4096, n=4096, k=4096, path="bitplane", us=900.0),
-            dict(wbits=4, abits=4, m=4096, n=4096, k=4096, path="u8", us=400.0)]
+    rows = [
+        dict(wbits=4, abits=4, m=1, n=4096, k=4096, path="u8", us=20.0),
+        dict(wbits=4, abits=4, m=1, n=4096, k=4096, path="bitplane", us=10.0),
+        dict(wbits=4, abits=4, m=4096, n=4096, k=4096, path="bitplane", us=900.0),
+        dict(wbits=4, abits=4, m=4096, n=4096, k=4096, path="u8", us=400.0),
+    ]
     (tmp_path / "kernel_table.json").write_text(json.dumps({"device": "H100", "entries": rows}))
     assert choose(4, 4, 2, 4096, 4096) == "bitplane"
     assert choose(4, 4, 2048, 4096, 4096) == "u8"

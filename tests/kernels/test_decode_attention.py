@@ -34,7 +34,7 @@ def test_reference_matches_transformers_rotary_and_sdpa():
     torch.testing.assert_close(out, expect.transpose(1, 2).reshape(b, heads * d), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kc[:, :, p], k[:, :, 0])
     torch.testing.assert_close(vc[:, :, p], v[:, :, 0])
-    torch.testing.assert_close(kc[:, :, p + 1:], kc0[:, :, p + 1:], rtol=0, atol=0)  # nothing else written
+    torch.testing.assert_close(kc[:, :, p + 1 :], kc0[:, :, p + 1 :], rtol=0, atol=0)  # nothing else written
 
 
 def test_workspace_splits_cover_the_cache():
@@ -55,11 +55,18 @@ SHAPES = [(1, 32, 32, 128), (1, 9, 3, 64), (3, 64, 8, 128), (2, 28, 4, 128), (1,
 def test_kernel_matches_reference(shape, length, dtype, where):
     b, heads, kv_heads, d = shape
     ws = attention.workspace(b, heads, kv_heads, d, length, "cuda")
-    p = {"first": 0, "chunk_end": min(ws.chunk - 1, length - 1), "chunk_start": min(ws.chunk, length - 1), "last": length - 1}[where]
+    p = {
+        "first": 0,
+        "chunk_end": min(ws.chunk - 1, length - 1),
+        "chunk_start": min(ws.chunk, length - 1),
+        "last": length - 1,
+    }[where]
     qkv, cos, sin, kc, vc = _inputs(b, heads, kv_heads, d, length, dtype, "cuda", seed=length + p)
     rk, rv = kc.clone(), vc.clone()
-    expect = attention.decode_attention_ref(qkv, cos, sin, rk, rv, torch.tensor([p]), heads, d ** -0.5, compute=torch.float64)
-    out = attention.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([p], device="cuda"), heads, d ** -0.5, ws)
+    expect = attention.decode_attention_ref(
+        qkv, cos, sin, rk, rv, torch.tensor([p]), heads, d**-0.5, compute=torch.float64
+    )
+    out = attention.decode_attention(qkv, cos, sin, kc, vc, torch.tensor([p], device="cuda"), heads, d**-0.5, ws)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), expect.double(), rtol=tol, atol=tol)
@@ -76,13 +83,15 @@ def test_kernel_in_a_cuda_graph_reads_the_position_on_the_device():
     ws = attention.workspace(b, heads, kv_heads, d, length, "cuda")
     qkv, cos, sin, kc, vc = _inputs(b, heads, kv_heads, d, length, torch.float16, "cuda")
     pos = torch.zeros(1, dtype=torch.int64, device="cuda")
-    from qtool.decoder import capture_graph
+    from qtool.runtime.decoder import capture_graph
 
     graph, out = capture_graph(lambda: attention.decode_attention(qkv, cos, sin, kc, vc, pos, heads, 0.1, ws))
     for p in (5, 64, 299, 130):
         pos.fill_(p)
         rk, rv = kc.clone(), vc.clone()
-        expect = attention.decode_attention_ref(qkv, cos, sin, rk, rv, torch.tensor([p]), heads, 0.1, compute=torch.float64)
+        expect = attention.decode_attention_ref(
+            qkv, cos, sin, rk, rv, torch.tensor([p]), heads, 0.1, compute=torch.float64
+        )
         graph.replay()
         torch.testing.assert_close(out.double(), expect.double(), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(vc, rv, rtol=0, atol=0)

@@ -74,7 +74,9 @@ def _close(y, expect, rtol=1e-2):
 def test_quantize_activations(layout, bits, m):
     gen = torch.Generator().manual_seed(bits * 1000 + m)
     k = 1000
-    w = pack_lowbit(torch.zeros(8, k, dtype=torch.int64), 2, torch.ones(8, 8), torch.zeros(8, 8), 128, _clusters(k, gen), layout)
+    w = pack_lowbit(
+        torch.zeros(8, k, dtype=torch.int64), 2, torch.ones(8, 8), torch.zeros(8, 8), 128, _clusters(k, gen), layout
+    )
     x = (torch.randn(m, k, generator=gen) * 3).half().cuda()
     _poison_allocator()
     a = quantize_activations(x, bits, w.segments, layout)
@@ -124,7 +126,9 @@ def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
-@pytest.mark.parametrize("m", [*MS, 9, 4, 5])  # 9: the mma GEMV's second row half partly used; 4 | 5: SIMT | mma for W4/W8
+@pytest.mark.parametrize(
+    "m", [*MS, 9, 4, 5]
+)  # 9: the mma GEMV's second row half partly used; 4 | 5: SIMT | mma for W4/W8
 @pytest.mark.parametrize("n,k", [(1000, 352), (77, 4096), (4104, 1024)])
 def test_w_only_gemm(bits, group, m, n, k):  # K = 352: ragged last group for groups 64 and 128
     gen = torch.Generator().manual_seed(bits * 31 + m + n + k + (group or 0))
@@ -169,7 +173,11 @@ def _wonly_case(bits, n, k, group, m, dtype, seed, x_scale=1.0):
 def _wonly_check(w, x, bias, impl):
     m, dtype = x.shape[0], x.dtype
     y = w_only_gemm(x, w, bias, out=_nan_out(m, w.n, dtype), impl=impl)
-    _close(y, w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64), rtol=1e-2 if dtype == torch.float16 else 2e-2)
+    _close(
+        y,
+        w_only_gemm_ref(x.double(), w, bias, compute_dtype=torch.float64),
+        rtol=1e-2 if dtype == torch.float16 else 2e-2,
+    )
 
 
 # N not a multiple of a SIMT block's 16 rows; K = 32 * odd; group 32 (two groups per W2/W3 16-byte word);
@@ -202,7 +210,9 @@ def test_w_only_gemv_simt_sliced(bits, m):
 def test_w_only_gemv_simt_x_range(bits, dtype, x_scale):
     """x is staged pre-scaled by 2^-e so that fp16 partials cannot overflow: large, tiny and (bf16) huge x
     (no bias, which would hide tiny outputs). fp16 W8 at 3000 would overflow y itself, so it gets 300."""
-    scale = (x_scale if bits < 8 or x_scale < 1000 else 300.0) if dtype == torch.float16 else x_scale ** 4  # bf16: 1e-16 .. 8e13
+    scale = (
+        (x_scale if bits < 8 or x_scale < 1000 else 300.0) if dtype == torch.float16 else x_scale**4
+    )  # bf16: 1e-16 .. 8e13
     w, x, _ = _wonly_case(bits, 130, 256, 64, 3, dtype, bits + int(x_scale), scale)
     _wonly_check(w, x, None, impl="simt")
 
@@ -231,8 +241,13 @@ def test_w_only_gemm_forced(bits, m, impl):
 
 def test_w_only_dispatch():
     def packed(k):
-        return pack_wonly(torch.zeros(16, k, dtype=torch.int64, device="cuda"), 4, torch.ones(16, k // 128, device="cuda"),
-                          torch.zeros(16, k // 128, device="cuda"), 128)
+        return pack_wonly(
+            torch.zeros(16, k, dtype=torch.int64, device="cuda"),
+            4,
+            torch.ones(16, k // 128, device="cuda"),
+            torch.zeros(16, k // 128, device="cuda"),
+            128,
+        )
 
     w, s = packed(1024), ops.SIMT_MAX_M[4]
     for m in (1, s, s + 1, ops.GEMV_MAX_M, ops.GEMV_MAX_M + 1):
@@ -260,7 +275,9 @@ FUSED = [
 ]
 
 
-@pytest.mark.parametrize("bits,m,n,k,group,gated,norm,a_bits,residual,dtype", FUSED, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "bits,m,n,k,group,gated,norm,a_bits,residual,dtype", FUSED, ids=lambda v: str(v).replace("torch.", "")
+)
 @pytest.mark.parametrize("impl", ["simt", "mma", "dequant"])
 def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residual, dtype, impl):
     """The SIMT GEMV's fused prologue / residual against the same ops in torch followed by the unfused
@@ -270,7 +287,9 @@ def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residu
     x = (torch.randn(m, 2 * k if gated else k, generator=gen) * 2).to(dtype).cuda()
     nrm = ((torch.rand(k, generator=gen) + 0.5).to(dtype).cuda(), 1e-5) if norm else None
     res = (torch.randn(m, n, generator=gen) * 4).to(dtype).cuda() if residual else None
-    y = w_only_gemm(x, w, bias, out=_nan_out(m, n, dtype), impl=impl, gated=gated, norm=nrm, a_bits=a_bits, residual=res)
+    y = w_only_gemm(
+        x, w, bias, out=_nan_out(m, n, dtype), impl=impl, gated=gated, norm=nrm, a_bits=a_bits, residual=res
+    )
     xp = wonly_prologue_ref(x, gated, nrm, a_bits)
     expect = w_only_gemm_ref(xp.double(), w, bias, compute_dtype=torch.float64) + (0 if res is None else res.double())
     _close(y, expect, rtol=1e-2 if dtype == torch.float16 else 2e-2)
@@ -286,4 +305,3 @@ def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residu
         _close(y, unfused.double(), rtol=2e-3)
     else:
         assert torch.equal(y, unfused)
-

@@ -28,8 +28,11 @@ SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels" / "cuda").glob
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles(src, arch, tmp_path):
     out = tmp_path / f"{src.stem}.{arch}.cubin"
-    r = subprocess.run(["nvcc", f"-arch={arch}", "-cubin", "-DQTOOL_INSTANTIATE", "-o", str(out), str(src)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["nvcc", f"-arch={arch}", "-cubin", "-DQTOOL_INSTANTIATE", "-o", str(out), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
 
@@ -42,17 +45,28 @@ def _simt_instantiations() -> list[str]:
     """Every wonly_gemv_simt<B, MT, U, NSEG, T, MODE, W> that ops.w_only_gemm's default dispatch launches (its plan
     depends on bits, group 32 or not and M only; M up to SIMT_MAX_M: the W4/W8 instantiations for M > 1,
     which only a forced impl='simt' reaches, may spill a few bytes since the fused prologue)."""
-    names = {f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {mode}, {SIMT_WARPS[mode != SIMT_PLAIN]}>"
-             for mode in (SIMT_PLAIN, SIMT_FUSED, SIMT_CODES)
-             for bits in (2, 3, 4, 8) if mode != SIMT_CODES or bits <= 4 for group in (32, 64) for m in range(1, SIMT_MAX_M[bits] + 1)
-             for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)] for t in ("F16", "BF16")}
+    names = {
+        f"wonly_gemv_simt<{bits}, {mt}, {u}, {nseg}, {t}, {mode}, {SIMT_WARPS[mode != SIMT_PLAIN]}>"
+        for mode in (SIMT_PLAIN, SIMT_FUSED, SIMT_CODES)
+        for bits in (2, 3, 4, 8)
+        if mode != SIMT_CODES or bits <= 4
+        for group in (32, 64)
+        for m in range(1, SIMT_MAX_M[bits] + 1)
+        for mt, _, u, nseg, _ in [simt_plan(bits, group, 16, m)]
+        for t in ("F16", "BF16")
+    }
     return sorted(names)
 
 
 def _mma_instantiations() -> list[str]:
     """Every wonly_gemv<B, NT, M16, T> (mma GEMV) that ops.w_only_gemm can launch."""
-    names = {f"wonly_gemv<{bits}, {nt}, {str(m16).lower()}, {t}>"
-             for bits in (2, 3, 4, 8) for m in range(1, GEMV_MAX_M + 1) for nt, m16 in [mma_plan(bits, m)] for t in ("F16", "BF16")}
+    names = {
+        f"wonly_gemv<{bits}, {nt}, {str(m16).lower()}, {t}>"
+        for bits in (2, 3, 4, 8)
+        for m in range(1, GEMV_MAX_M + 1)
+        for nt, m16 in [mma_plan(bits, m)]
+        for t in ("F16", "BF16")
+    }
     return sorted(names)
 
 
@@ -65,14 +79,19 @@ def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str,
     def compile_part(i):
         cu = tmp_path / f"part{i}.cu"
         cu.write_text(f'#include "{src}"\n' + "".join(f"template __global__ void {n}{args};\n" for n in names[i::jobs]))
-        r = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stderr
 
     with ThreadPoolExecutor(jobs) as pool:
         log = "".join(pool.map(compile_part, range(jobs)))
-    found = re.findall(r"Function properties for (_Z\d+wonly_gemv\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    found = re.findall(
+        r"Function properties for (_Z\d+wonly_gemv\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log
+    )
     assert len(found) == len(names)
     return found
 

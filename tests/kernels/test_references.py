@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels import make_segments, pack_lowbit, pack_wonly
-from qtool.kernels.packing import (
+from qtool.kernels.layouts import (
     pack_interleaved,
     unpack_interleaved,
     unpack_planes,
@@ -105,8 +105,10 @@ def test_quantizer_by_hand():
     assert a.seg_sum.tolist() == [[5]]
 
 
-@pytest.mark.parametrize("layout,wbits,abits", [("planes", 1, 1), ("planes", 2, 8), ("planes", 3, 5), ("planes", 8, 8),
-                                                ("u8", 3, 4), ("u8", 4, 8), ("u8", 2, 3)])
+@pytest.mark.parametrize(
+    "layout,wbits,abits",
+    [("planes", 1, 1), ("planes", 2, 8), ("planes", 3, 5), ("planes", 8, 8), ("u8", 3, 4), ("u8", 4, 8), ("u8", 2, 3)],
+)
 @pytest.mark.parametrize("group", [64, 100, None])
 def test_lowbit_refs_match_float64(layout, wbits, abits, group):
     n, k, m = 11, 300, 5
@@ -147,9 +149,14 @@ def test_wonly_ref_matches_float64(bits, group):
     assert torch.allclose(dequantize_wonly(w, torch.float64), _dequant(codes, scales.half().float(), zeros, group))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=5), "support"), (dict(k=100), "K % 32"), (dict(group=96), "power-of-two"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=5), "support"),
+        (dict(k=100), "K % 32"),
+        (dict(group=96), "power-of-two"),
+    ],
+)
 def test_wonly_rejects_unsupported(kwargs, match):
     bits, k, group = kwargs.get("bits", 4), kwargs.get("k", 256), kwargs.get("group", 64)
     codes, scales, zeros = _weights(3, k, min(bits, 8), group)

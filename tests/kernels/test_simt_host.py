@@ -16,17 +16,34 @@ import torch
 from host_kernel import build as build_library
 from host_kernel import kernel_source, u16
 
+from qtool.core.quantizer import minmax_qparams
 from qtool.kernels import ops, pack_wonly
-from qtool.kernels.packing import wonly_row_words
+from qtool.kernels.layouts import wonly_row_words
 from qtool.kernels.reference import (
     per_token_codes_ref,
     w_only_gemm_ref,
     wonly_prologue_ref,
 )
-from qtool.quant.quantizer import minmax_qparams
 
-HELPERS = ("h2f", "f2h", "f2bf", "hsub2", "hmul2", "lop_and_or", "hfma2", "prmt", "f2h2", "hmin2", "hmax2", "ld_stream_if", "ld_v2_if", "ld_sz_if",
-           "cp_async_zfill", "cp_async_wait_all", "prefetch_l2")
+HELPERS = (
+    "h2f",
+    "f2h",
+    "f2bf",
+    "hsub2",
+    "hmul2",
+    "lop_and_or",
+    "hfma2",
+    "prmt",
+    "f2h2",
+    "hmin2",
+    "hmax2",
+    "ld_stream_if",
+    "ld_v2_if",
+    "ld_sz_if",
+    "cp_async_zfill",
+    "cp_async_wait_all",
+    "prefetch_l2",
+)
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 # (bits, dtype, m, n, k, group, nblk, x scale): ragged groups (576/128, 1056/64 -> G = 5, 17), K = 32 * odd,
@@ -37,10 +54,17 @@ CASES = [
     (bits, dtype, m, n, k, group, nblk, xs)
     for bits in (2, 3, 4, 8)
     for dtype in (torch.float16, torch.bfloat16)
-    for m, n, k, group, nblk, xs in [(1, 77, 352, 32, 1, 1), (2, 40, 576, 128, 2, 1), (3, 33, 96, None, 1, 1),
-                                     (4, 50, 1056, 64, 3, 1), (1, 19, 4160, 128, 1, 1), (5, 9, 224, 32, 1, 1),
-                                     (9, 24, 576, 64, 1, 1), (2, 21, 64, 32, 1, 600.0 if dtype == torch.float16 else 1e-30),
-                                     (1, 21, 320, 64, 1, 40.0 if dtype == torch.float16 else 1e30)]
+    for m, n, k, group, nblk, xs in [
+        (1, 77, 352, 32, 1, 1),
+        (2, 40, 576, 128, 2, 1),
+        (3, 33, 96, None, 1, 1),
+        (4, 50, 1056, 64, 3, 1),
+        (1, 19, 4160, 128, 1, 1),
+        (5, 9, 224, 32, 1, 1),
+        (9, 24, 576, 64, 1, 1),
+        (2, 21, 64, 32, 1, 600.0 if dtype == torch.float16 else 1e-30),
+        (1, 21, 320, 64, 1, 40.0 if dtype == torch.float16 else 1e30),
+    ]
 ]
 
 
@@ -71,7 +95,9 @@ def lib():
 def build(configs) -> ctypes.CDLL:
     """A shared library running wonly_gemv_simt<B, MT, U, NSEG, T, MODE> for each (B, MT, U, NSEG, 'F16'|'BF16', MODE)
     (MODE SIMT_FUSED or SIMT_CODES: the host runs the fused instantiation, with no ops, as the plain GEMV)."""
-    launch = f"const unsigned THREADS = {32 * ops.SIMT_WARPS[True]};\n" + """
+    launch = (
+        f"const unsigned THREADS = {32 * ops.SIMT_WARPS[True]};\n"
+        + """
 template <int B, int MT, int U, int NSEG, class T, int MODE>
 void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
                 int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
@@ -93,16 +119,28 @@ extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, int MODE, const
                         const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
                         int nblk, int ldx, int gated, const u16* nw, float eps, int abits, const u16* res, int grid, long smem) {
 """
+    )
     for b, mt, u, nseg, t, mode in configs:
-        launch += (f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')} && MODE == {mode}) "
-                   f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}, {mode}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
-                   "ldx, gated, nw, eps, abits, res, grid, smem), 0;\n")
+        launch += (
+            f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')} && MODE == {mode}) "
+            f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}, {mode}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
+            "ldx, gated, nw, eps, abits, res, grid, smem), 0;\n"
+        )
     launch += "  return 1;\n}\n"
     return build_library(_source() + launch, "simt_host")
 
 
-def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int, gated: bool = False, norm=None, a_bits=None,
-        residual=None) -> torch.Tensor:
+def run(
+    lib,
+    w,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    nblk: int,
+    gated: bool = False,
+    norm=None,
+    a_bits=None,
+    residual=None,
+) -> torch.Tensor:
     """y = x' @ w_hat^T + bias (+ residual) from the host-run kernel, on a grid of nblk blocks per x slice
     (x' = x after the prologue: see ops.w_only_gemm)."""
     m = x.shape[0]
@@ -112,11 +150,35 @@ def run(lib, w, x: torch.Tensor, bias: torch.Tensor | None, nblk: int, gated: bo
     words = [np.ascontiguousarray(t.numpy().view(np.uint32)) for t in (w.data, w.hi if w.hi is not None else w.data)]
     groups = [u16(w.scales), np.ascontiguousarray(w.zeros.numpy())]
     halves = [u16(t) if t is not None else None for t in (x, bias, None if norm is None else norm[0], residual)]
-    ptr = [a.ctypes.data_as(ctypes.c_void_p) if a is not None else None for a in (*words, *groups, *halves[:2], y, *halves[2:])]
+    ptr = [
+        a.ctypes.data_as(ctypes.c_void_p) if a is not None else None
+        for a in (*words, *groups, *halves[:2], y, *halves[2:])
+    ]
     mode = ops.simt_mode(w.bits, w.scales.shape[1], a_bits, True)
-    rc = lib.run_simt(w.bits, mt, u, nseg, int(x.dtype == torch.float16), mode, *ptr[:7], m, w.n, w.k, w.row_words, w.scales.shape[1],
-                      ops._gshift(w), nblk, x.shape[1], int(gated), ptr[7], ctypes.c_float(norm[1] if norm else 0.0),
-                      a_bits or 0, ptr[8], nblk * slices, ctypes.c_long(smem))
+    rc = lib.run_simt(
+        w.bits,
+        mt,
+        u,
+        nseg,
+        int(x.dtype == torch.float16),
+        mode,
+        *ptr[:7],
+        m,
+        w.n,
+        w.k,
+        w.row_words,
+        w.scales.shape[1],
+        ops._gshift(w),
+        nblk,
+        x.shape[1],
+        int(gated),
+        ptr[7],
+        ctypes.c_float(norm[1] if norm else 0.0),
+        a_bits or 0,
+        ptr[8],
+        nblk * slices,
+        ctypes.c_long(smem),
+    )
     assert rc == 0, "instantiation not built"
     return torch.from_numpy(y.view(np.int16)).view(x.dtype)
 
@@ -166,8 +228,9 @@ def _config(bits, dtype, m, k, group, a_bits=None):
     return bits, mt, u, nseg, "F16" if dtype == torch.float16 else "BF16", ops.simt_mode(bits, groups, a_bits, True)
 
 
-@pytest.mark.parametrize("bits,dtype,m,n,k,group,gated,norm,a_bits,residual", PROLOGUE_CASES,
-                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "bits,dtype,m,n,k,group,gated,norm,a_bits,residual", PROLOGUE_CASES, ids=lambda v: str(v).replace("torch.", "")
+)
 def test_simt_prologue_host(prologue_lib, bits, dtype, m, n, k, group, gated, norm, a_bits, residual):
     """The fused ops give the values torch's eager ops give (wonly_prologue_ref, then the product)."""
     gen = torch.Generator().manual_seed(bits * 7 + m * 3 + n + k)
@@ -180,11 +243,15 @@ def test_simt_prologue_host(prologue_lib, bits, dtype, m, n, k, group, gated, no
     assert not torch.isnan(out).any(), "kernel left unwritten (NaN) outputs"
     if ops.simt_mode(bits, w.scales.shape[1], a_bits, True) == ops.SIMT_CODES:
         # x' = codes * scale, unrounded: against float64 on torch's codes (the partial sums round in fp16)
-        expect = w_only_gemm_ref(per_token_codes_ref(wonly_prologue_ref(x, gated, nrm), a_bits), w, bias,
-                                 compute_dtype=torch.float64).double()
+        expect = w_only_gemm_ref(
+            per_token_codes_ref(wonly_prologue_ref(x, gated, nrm), a_bits), w, bias, compute_dtype=torch.float64
+        ).double()
         if res is not None:
             expect = expect + res.double()
-        err, tol = (out.double() - expect).abs().max().item(), 2e-3 if dtype == torch.float16 else 8e-3  # bf16 y: 2^-9 rounding
+        err, tol = (
+            (out.double() - expect).abs().max().item(),
+            2e-3 if dtype == torch.float16 else 8e-3,
+        )  # bf16 y: 2^-9 rounding
         assert err <= tol * expect.abs().max().item(), f"max err {err:.3g} vs max |ref| {expect.abs().max().item():.3g}"
         return
     xp = wonly_prologue_ref(x, gated, nrm, a_bits)
@@ -215,7 +282,9 @@ def _reciprocal_ties(lo: float, hi: float, bits: int) -> torch.Tensor:
     return v[(v * (1 / s)).round() != (v / s).round()]
 
 
-@pytest.mark.parametrize("bits,zero", [(8, 128), (4, 0)])  # fake quantization in the prologue (W8), codes (per-channel W4)
+@pytest.mark.parametrize(
+    "bits,zero", [(8, 128), (4, 0)]
+)  # fake quantization in the prologue (W8), codes (per-channel W4)
 def test_simt_quant_reciprocal_ties_host(prologue_lib_ties, bits, zero):
     """The fused quantizer multiplies by 1 / s and divides only near a half integer: on the fp16 values
     where the product and the quotient round apart, x' is still torch's (each output row picks one x
@@ -225,14 +294,14 @@ def test_simt_quant_reciprocal_ties_host(prologue_lib_ties, bits, zero):
     assert ties.numel() >= 3, "the range must hold values where rint(v * (1 / s)) != rint(v / s)"
     k = 320
     x = torch.linspace(lo, hi, k)
-    x[2:2 + ties.numel()] = ties
+    x[2 : 2 + ties.numel()] = ties
     x = x.to(torch.float16).unsqueeze(0)
     n = ties.numel()
     codes = torch.full((n, k), zero)
     codes[torch.arange(n), 2 + torch.arange(n)] = zero + 1
     w = pack_wonly(codes, bits, torch.ones(n, 1), torch.full((n, 1), float(zero)), None)
     out = run(prologue_lib_ties, w, x, None, 1, a_bits=a_bits)
-    expect = wonly_prologue_ref(x, a_bits=a_bits)[0, 2:2 + n]
+    expect = wonly_prologue_ref(x, a_bits=a_bits)[0, 2 : 2 + n]
     assert torch.equal(out[0], expect)
     # the product alone would have missed: its x' differs from torch's at some of these values
     s, z = minmax_qparams(x.float().amin(), x.float().amax(), 2**a_bits, sym=False)
@@ -243,4 +312,3 @@ def test_simt_quant_reciprocal_ties_host(prologue_lib_ties, bits, zero):
 @pytest.fixture(scope="module")
 def prologue_lib_ties():
     return build([_config(bits, torch.float16, 1, 320, None, 8) for bits in (8, 4)])
-

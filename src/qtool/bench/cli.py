@@ -14,7 +14,7 @@ from qtool.bench.kernels import (
     parse_shapes,
     run_bench,
 )
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
 app = typer.Typer(help="Benchmark qtool's GPU kernels and packed models against torch fp16.", no_args_is_help=True)
 
@@ -23,7 +23,9 @@ app = typer.Typer(help="Benchmark qtool's GPU kernels and packed models against 
 def kernels(
     shapes: str = typer.Option(",".join(DEFAULT_SHAPES), help="N x K list, e.g. 4096x11008,8192x8192"),
     m: str = typer.Option(",".join(map(str, DEFAULT_M)), help="token counts M, comma separated"),
-    paths: str = typer.Option(",".join(DEFAULT_PATHS), help="fp16, int_mm, wPaQ (w4a16, w2a8, ...) optionally :bitplane or :u8"),
+    paths: str = typer.Option(
+        ",".join(DEFAULT_PATHS), help="fp16, int_mm, wPaQ (w4a16, w2a8, ...) optionally :bitplane or :u8"
+    ),
     out: Path = typer.Option(Path("bench_out"), help="directory for kernels_bench.csv and .png"),
     tune: bool = typer.Option(False, help="also time every implementation and write the chooser table"),
     reps: int = typer.Option(30, help="timed runs per case (median reported)"),
@@ -42,14 +44,20 @@ def kernels(
 
 @app.command()
 def e2e(
-    models: str = typer.Option("smollm2,llama2-7b,llama2-70b", help="smollm2 (real weights), llama2-7b, llama2-70b (random weights)"),
+    models: str = typer.Option(
+        "smollm2,llama2-7b,llama2-70b", help="smollm2 (real weights), llama2-7b, llama2-70b (random weights)"
+    ),
     specs: str = typer.Option("W4A16-g128,W2A16-g64,W2A8,W4A4", help="packed specs beside fp16, comma separated"),
-    layers: str = typer.Option("llama2-7b=8,llama2-70b=2", help="blocks per random-weight model: NAME=N,... (default depth otherwise)"),
+    layers: str = typer.Option(
+        "llama2-7b=8,llama2-70b=2", help="blocks per random-weight model: NAME=N,... (default depth otherwise)"
+    ),
     batches: str = typer.Option("1,8,32", help="decode batch sizes"),
     prefill: int = typer.Option(2048, help="prefill tokens (batch 1)"),
     context: int = typer.Option(512, help="tokens already in the KV cache when decoding"),
     reps: int = typer.Option(20, help="timed runs per measurement (median reported)"),
-    runtimes: str = typer.Option("qtool", help="runtimes of the packed specs: qtool (Decoder), hf (transformers); fp16 runs under both"),
+    runtimes: str = typer.Option(
+        "qtool", help="runtimes of the packed specs: qtool (Decoder), hf (transformers); fp16 runs under both"
+    ),
     out: Path = typer.Option(Path("bench_out"), help="directory for e2e_bench.csv and .png"),
     as_json: bool = typer.Option(False, "--json", help="print the rows as one JSON list as the last line"),
 ) -> None:
@@ -58,9 +66,17 @@ def e2e(
 
     try:
         depth = {k: int(v) for k, _, v in (item.partition("=") for item in layers.split(",") if item)}
-        rows = run_e2e([m for m in models.split(",") if m], [s for s in specs.split(",") if s], depth,
-                       [int(b) for b in batches.split(",")], prefill, context, reps, out,
-                       [r for r in runtimes.split(",") if r])
+        rows = run_e2e(
+            [m for m in models.split(",") if m],
+            [s for s in specs.split(",") if s],
+            depth,
+            [int(b) for b in batches.split(",")],
+            prefill,
+            context,
+            reps,
+            out,
+            [r for r in runtimes.split(",") if r],
+        )
     except (QtoolError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

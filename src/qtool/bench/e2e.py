@@ -4,7 +4,7 @@ models beside the same model in fp16, in one run.
 Models: SmolLM2 with its real weights, and LLaMA-2-7B / 70B shapes (configs/) with random weights and
 fewer blocks (`--layers`), as the table states. Every variant is built afresh on the GPU from the
 same seed (the same fp16 weights), packed by RTN (`pack_model`) and reduced to kernel form.
-Runtimes: `hf` is the transformers forward with its DynamicCache; `qtool` is qtool.decoder.Decoder
+Runtimes: `hf` is the transformers forward with its DynamicCache; `qtool` is qtool.runtime.decoder.Decoder
 (static cache, fused q|k|v and gate|up, compiled small ops). fp16 always runs under both, so every
 packed row has a speed-up against fp16 in its own runtime and against fp16 in transformers.
 Timing: CUDA events, warm-up, median. Prefill: one forward of batch 1 x `--prefill` tokens. Decode:
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
+from qtool.core.paths import bundled_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = bundled_dir("configs")
 MODELS = {"smollm2": None, "llama2-7b": "llama-2-7b.json", "llama2-70b": "llama-2-70b.json"}
 
 
@@ -33,7 +34,7 @@ def build_fp16(name: str, layers: int | None, device) -> torch.nn.Module:
     """The fp16 model on `device`: real SmolLM2 weights, or a random-weight LLaMA shape."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.eval.memory import load_config
+    from qtool.metrics.memory import load_config
 
     if name == "smollm2":
         from qtool.models.loading import load_model, resolve_model
@@ -78,7 +79,7 @@ def prefill_seconds(model, tokens: int, reps: int, decoder=None) -> float:
 def _replayed(step, reps: int) -> tuple[float, str]:
     """Seconds of `step` replayed as a CUDA graph where capture works, else run eagerly (the second
     value says which)."""
-    from qtool.decoder import capture_graph
+    from qtool.runtime.decoder import capture_graph
 
     try:
         graph, _ = capture_graph(step)
@@ -118,9 +119,9 @@ def decode_step_seconds(model, batch: int, context: int, reps: int, decoder=None
 def packed_variant(name: str, layers: int | None, spec_name: str, device):
     """The model built afresh on `device` (same seed, so the same weights for every variant) with
     its block linears packed for `spec_name` by RTN, in kernel form; fp16 leaves it as is."""
+    from qtool.core.spec import parse_spec
     from qtool.models.adapters import adapter_for
-    from qtool.packed.model import pack_model, to_kernel_form
-    from qtool.spec import parse_spec
+    from qtool.runtime.packed_model import pack_model, to_kernel_form
 
     model = build_fp16(name, layers, device)
     if spec_name != "fp16":
@@ -134,18 +135,27 @@ def packed_variant(name: str, layers: int | None, spec_name: str, device):
 RUNTIMES = ("hf", "qtool")
 
 
-def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], batches: list[int], prefill: int,
-            context: int, reps: int, out_dir: Path, runtimes: list[str] = ("qtool",)) -> list[dict]:
+def run_e2e(
+    models: list[str],
+    specs: list[str],
+    layers: dict[str, int | None],
+    batches: list[int],
+    prefill: int,
+    context: int,
+    reps: int,
+    out_dir: Path,
+    runtimes: list[str] = ("qtool",),
+) -> list[dict]:
     if not torch.cuda.is_available():
         raise QtoolError("qtool bench e2e needs a CUDA GPU (none visible)")
     bad = [r for r in runtimes if r not in RUNTIMES]
     if bad:
         raise QtoolError(f"unknown runtime {bad[0]!r}: use {', '.join(RUNTIMES)}")
-    from qtool.decoder import Decoder
-    from qtool.eval.memory import memory_report
+    from qtool.core.spec import parse_spec
+    from qtool.metrics.memory import memory_report
     from qtool.models.adapters import adapter_for
-    from qtool.packed.model import packed_bytes
-    from qtool.spec import parse_spec
+    from qtool.runtime.decoder import Decoder
+    from qtool.runtime.packed_model import packed_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -157,8 +167,13 @@ def run_e2e(models: list[str], specs: list[str], layers: dict[str, int | None], 
             except QtoolError as exc:
                 print(f"{name} {spec}: skipped ({exc})")
                 continue
-            row = {"model": name, "layers": model.config.num_hidden_layers, "spec": spec, "runtime": runtime,
-                   "weight_bytes": torch.cuda.memory_allocated()}
+            row = {
+                "model": name,
+                "layers": model.config.num_hidden_layers,
+                "spec": spec,
+                "runtime": runtime,
+                "weight_bytes": torch.cuda.memory_allocated(),
+            }
             if spec != "fp16":  # packed linears' bytes against the bits-per-weight arithmetic of the spec
                 report = memory_report(model.config, adapter_for(model.config), parse_spec(spec))
                 row["bits_per_weight"] = round(8 * packed_bytes(model)["linear_bytes"] / report.linear_params, 4)
@@ -214,7 +229,12 @@ def _write(rows: list[dict], out_dir: Path) -> None:
         cols = [k for k in sub[0] if k.startswith("decode_tok_s_b")]
         width = 0.8 / len(sub)
         for i, r in enumerate(sub):
-            ax.bar([j + i * width for j in range(len(cols))], [r[c] for c in cols], width, label=f"{r['spec']} ({r['runtime']})")
+            ax.bar(
+                [j + i * width for j in range(len(cols))],
+                [r[c] for c in cols],
+                width,
+                label=f"{r['spec']} ({r['runtime']})",
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], [c.replace("decode_tok_s_", "") for c in cols])
         ax.set_title(f"{name} ({sub[0]['layers']} blocks)")
         ax.set_ylabel("decode tokens/s")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
 DEFAULT_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192")
 DEFAULT_M = (1, 4, 16, 64, 256, 1024, 4096)
@@ -122,17 +122,28 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | Non
     zeros = torch.randint(0, 2**wbits, (n, k // group), device=dev).float()
     if abits >= 16:
         ws = [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)]
-        ws += [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group) for _ in range(_copies(ws[0].nbytes) - 1)]
-        impl = {"simt": "wonly_gemv_simt", "mma": "wonly_gemv", "dequant": "wonly_dequant_mm"}[qk.ops.w_only_impl(m, ws[0])]
+        ws += [
+            qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)
+            for _ in range(_copies(ws[0].nbytes) - 1)
+        ]
+        impl = {"simt": "wonly_gemv_simt", "mma": "wonly_gemv", "dequant": "wonly_dequant_mm"}[
+            qk.ops.w_only_impl(m, ws[0])
+        ]
         return Case(path, impl, lambda i: qk.w_only_gemm(x, ws[i % len(ws)]), ws[0].nbytes, TENSOR_PEAK["f16"])
     layout = "planes" if impl == "bitplane" else "u8"
     if layout == "u8" and wbits > 4:
         return None
     w0 = qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
-    ws = [w0] + [qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
-                 for _ in range(_copies(w0.nbytes) - 1)]
+    ws = [w0] + [
+        qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
+        for _ in range(_copies(w0.nbytes) - 1)
+    ]
     a = qk.quantize_activations(x, abits, w0.segments, layout)
-    run = (lambda i: qk.bitplane_gemm(a, ws[i % len(ws)])) if layout == "planes" else (lambda i: qk.u8_gemm(a, ws[i % len(ws)]))
+    run = (
+        (lambda i: qk.bitplane_gemm(a, ws[i % len(ws)]))
+        if layout == "planes"
+        else (lambda i: qk.u8_gemm(a, ws[i % len(ws)]))
+    )
     if layout == "planes":
         return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["b1"], ops_factor=wbits * abits)
     return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["s8"])
@@ -155,8 +166,12 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
             base = {}
             todo = list(dict.fromkeys(["fp16", "int_mm", *paths]))
             if tune:
-                todo += [f"{p.partition(':')[0]}:{impl}" for p in paths if p.startswith("w") and not p.endswith("16")
-                         for impl in ("bitplane", "u8")]
+                todo += [
+                    f"{p.partition(':')[0]}:{impl}"
+                    for p in paths
+                    if p.startswith("w") and not p.endswith("16")
+                    for impl in ("bitplane", "u8")
+                ]
             for path in dict.fromkeys(todo):
                 case = build_case(path, n, k, m, x)
                 if case is None:
@@ -167,23 +182,40 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
                 roof_us = (case.weight_bytes / bw if small else macs * 2 * case.ops_factor / case.peak) * 1e6
                 if path in ("fp16", "int_mm"):
                     base[path] = us
-                row = dict(n=n, k=k, m=m, path=path, impl=case.impl, us=round(us, 2), tops=round(2 * macs / us / 1e6, 2),
-                           tbps=round(case.weight_bytes / us / 1e6, 3), roofline_pct=round(100 * roof_us / us, 1),
-                           x_fp16=round(base.get("fp16", float("nan")) / us, 2),
-                           x_int_mm=round(base["int_mm"] / us, 2) if "int_mm" in base else "")
+                row = dict(
+                    n=n,
+                    k=k,
+                    m=m,
+                    path=path,
+                    impl=case.impl,
+                    us=round(us, 2),
+                    tops=round(2 * macs / us / 1e6, 2),
+                    tbps=round(case.weight_bytes / us / 1e6, 3),
+                    roofline_pct=round(100 * roof_us / us, 1),
+                    x_fp16=round(base.get("fp16", float("nan")) / us, 2),
+                    x_int_mm=round(base["int_mm"] / us, 2) if "int_mm" in base else "",
+                )
                 rows.append(row)
                 writer.writerow(row)
                 csv_file.flush()
-                print(f"{n}x{k} M={m:5d} {path:16s} {case.impl:18s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
-                      f"{row['tbps']:6.3f} TB/s  {row['roofline_pct']:5.1f}% roof  {row['x_fp16']}x fp16", flush=True)
+                print(
+                    f"{n}x{k} M={m:5d} {path:16s} {case.impl:18s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
+                    f"{row['tbps']:6.3f} TB/s  {row['roofline_pct']:5.1f}% roof  {row['x_fp16']}x fp16",
+                    flush=True,
+                )
                 if path.startswith("w"):
                     wb, ab, _ = parse_path(path)
                     table.append(dict(wbits=wb, abits=ab, m=m, n=n, k=k, path=case.impl, us=round(us, 2)))
                 del case
             torch.cuda.empty_cache()
     csv_file.close()
-    result = {"csv": str(csv_path), "png": plot(rows, out_dir / "kernels_bench.png"), "copy_tbps": round(bw / 1e12, 3),
-              "rows": len(rows), "device": torch.cuda.get_device_name()}
+    result = {
+        "csv": str(csv_path),
+        "png": plot(rows, out_dir / "kernels_bench.png"),
+        "copy_tbps": round(bw / 1e12, 3),
+        "rows": len(rows),
+        "device": torch.cuda.get_device_name(),
+    }
     if tune:
         from qtool.kernels.chooser import table_path
 
@@ -192,8 +224,11 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
         tp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "entries": table}, indent=1))
         result["table"] = str(tp)
     # the rows' own ratios (baseline time / path time), so the summary cannot disagree with the CSV
-    result["speedups"] = {f"{r['path']} {r['n']}x{r['k']} M={r['m']}": {b: r[b] for b in ("x_fp16", "x_int_mm") if r[b] != ""}
-                          for r in rows if r["path"] not in ("fp16", "int_mm") and r["m"] in (min(ms), max(ms))}
+    result["speedups"] = {
+        f"{r['path']} {r['n']}x{r['k']} M={r['m']}": {b: r[b] for b in ("x_fp16", "x_int_mm") if r[b] != ""}
+        for r in rows
+        if r["path"] not in ("fp16", "int_mm") and r["m"] in (min(ms), max(ms))
+    }
     return result
 
 

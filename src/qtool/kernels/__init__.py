@@ -1,6 +1,13 @@
 """Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references."""
 
 from qtool.kernels.chooser import choose
+from qtool.kernels.layouts import (
+    LowbitWeights,
+    PackedActivations,
+    WOnlyWeights,
+    pack_lowbit,
+    pack_wonly,
+)
 from qtool.kernels.ops import (
     bitplane_gemm,
     dequantize_weights,
@@ -8,13 +15,6 @@ from qtool.kernels.ops import (
     quantize_activations,
     u8_gemm,
     w_only_gemm,
-)
-from qtool.kernels.packing import (
-    LowbitWeights,
-    PackedActivations,
-    WOnlyWeights,
-    pack_lowbit,
-    pack_wonly,
 )
 from qtool.kernels.segments import Segments, make_segments
 
@@ -27,7 +27,19 @@ def pack_weights(codes, bits, scales, zeros, group=None, layout="wonly", cluster
 
 
 __all__ = [
-    "LowbitWeights", "PackedActivations", "Segments", "WOnlyWeights", "bitplane_gemm", "choose",
-    "dequantize_weights", "lowbit_linear", "make_segments", "pack_lowbit", "pack_weights", "pack_wonly",
-    "quantize_activations", "u8_gemm", "w_only_gemm",
+    "LowbitWeights",
+    "PackedActivations",
+    "Segments",
+    "WOnlyWeights",
+    "bitplane_gemm",
+    "choose",
+    "dequantize_weights",
+    "lowbit_linear",
+    "make_segments",
+    "pack_lowbit",
+    "pack_weights",
+    "pack_wonly",
+    "quantize_activations",
+    "u8_gemm",
+    "w_only_gemm",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels import cuda_runtime as rt
 
 THREADS = 128
@@ -32,8 +32,12 @@ def smem_bytes(group: int, head_dim: int, chunk: int) -> int:
 
 def supported(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernel takes this attention shape and dtype."""
-    return (head_dim in HEAD_DIMS and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
-            and dtype in (torch.float16, torch.bfloat16))
+    return (
+        head_dim in HEAD_DIMS
+        and heads % kv_heads == 0
+        and heads // kv_heads <= MAX_GROUP
+        and dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 @dataclass
@@ -55,8 +59,12 @@ def workspace(batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int
     splits = max(splits, -(-max_len // max_chunk(head_dim)))
     chunk = -(-max_len // splits)
     splits = -(-max_len // chunk)
-    return AttentionWorkspace(chunk, splits, torch.empty(batch, heads, splits, head_dim + 2, dtype=torch.float32, device=device),
-                              torch.zeros(batch * kv_heads, dtype=torch.int32, device=device))
+    return AttentionWorkspace(
+        chunk,
+        splits,
+        torch.empty(batch, heads, splits, head_dim + 2, dtype=torch.float32, device=device),
+        torch.zeros(batch * kv_heads, dtype=torch.int32, device=device),
+    )
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (xf * cos.to(wide) + rot * sin.to(wide)).to(x.dtype)
 
 
-def decode_attention_ref(qkv, cos, sin, k_cache, v_cache, pos, heads: int, scale: float, compute=torch.float32) -> torch.Tensor:
+def decode_attention_ref(
+    qkv, cos, sin, k_cache, v_cache, pos, heads: int, scale: float, compute=torch.float32
+) -> torch.Tensor:
     """The kernel's function in torch: rotate q and k, store k and v at `pos` in the caches, attend
     over positions 0..pos in `compute` precision; returns [B, heads * D] in qkv's dtype."""
     b, kv_heads, _, d = k_cache.shape
@@ -83,8 +93,17 @@ def decode_attention_ref(qkv, cos, sin, k_cache, v_cache, pos, heads: int, scale
     return torch.einsum("bhgj,bhjd->bhgd", probs, values).reshape(b, heads * d).to(qkv.dtype)
 
 
-def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor, heads: int, scale: float, ws: AttentionWorkspace | None = None) -> torch.Tensor:
+def decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    heads: int,
+    scale: float,
+    ws: AttentionWorkspace | None = None,
+) -> torch.Tensor:
     """Attention output [B, heads * D] of one new token per sequence. qkv [B, (H + 2 Hkv) * D] (the
     fused projection, rows may be strided), cos / sin [D] of position pos (the same for every sequence), caches [B, Hkv, L, D] (written at pos),
     pos: a one-element int64 tensor on the device. CPU / no CuPy: the torch reference."""
@@ -97,9 +116,28 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
     fn = rt.kernel("decode_attention.cu", f"decode_attention<{d}, {heads // kv_heads}, {rt.type_tag(qkv.dtype)}>")
-    rt.launch(fn, (ws.splits, b * kv_heads), (THREADS,),
-              (rt.ptr(qkv), rt.i32(qkv.stride(0)), rt.ptr(cos), rt.ptr(sin), rt.ptr(k_cache),
-               rt.ptr(v_cache), rt.ptr(pos), rt.ptr(out), rt.ptr(ws.partials), rt.ptr(ws.counters), rt.i32(heads),
-               rt.i32(kv_heads), rt.i32(max_len), rt.i32(ws.chunk), rt.i32(ws.splits), rt.f32(scale)),
-              shared_mem=smem_bytes(heads // kv_heads, d, ws.chunk))
+    rt.launch(
+        fn,
+        (ws.splits, b * kv_heads),
+        (THREADS,),
+        (
+            rt.ptr(qkv),
+            rt.i32(qkv.stride(0)),
+            rt.ptr(cos),
+            rt.ptr(sin),
+            rt.ptr(k_cache),
+            rt.ptr(v_cache),
+            rt.ptr(pos),
+            rt.ptr(out),
+            rt.ptr(ws.partials),
+            rt.ptr(ws.counters),
+            rt.i32(heads),
+            rt.i32(kv_heads),
+            rt.i32(max_len),
+            rt.i32(ws.chunk),
+            rt.i32(ws.splits),
+            rt.f32(scale),
+        ),
+        shared_mem=smem_bytes(heads // kv_heads, d, ws.chunk),
+    )
     return out

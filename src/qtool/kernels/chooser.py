@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
 TABLE_NAME = "kernel_table.json"
 
@@ -33,7 +33,9 @@ def load_table(path: Path | None = None) -> dict | None:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise QtoolError(f"kernel table {p} is not valid JSON ({e}): delete it or rerun `qtool bench kernels --tune`") from e
+        raise QtoolError(
+            f"kernel table {p} is not valid JSON ({e}): delete it or rerun `qtool bench kernels --tune`"
+        ) from e
 
 
 def default_path(wbits: int, abits: int, m: int) -> str:
@@ -54,19 +56,28 @@ def default_path(wbits: int, abits: int, m: int) -> str:
     return "u8"
 
 
-def choose(wbits: int, abits: int, m: int, n: int, k: int, device_name: str | None = None, table: dict | None = None) -> str:
+def choose(
+    wbits: int, abits: int, m: int, n: int, k: int, device_name: str | None = None, table: dict | None = None
+) -> str:
     """The path to run: the measured fastest at the nearest tuned shape, else default_path."""
     fallback = default_path(wbits, abits, m)
     table = table if table is not None else load_table()
     if not table:
         return fallback
-    rows = [r for r in table.get("entries", []) if r["wbits"] == wbits and r["abits"] == abits
-            and (device_name is None or table.get("device") in (None, device_name))]
+    rows = [
+        r
+        for r in table.get("entries", [])
+        if r["wbits"] == wbits
+        and r["abits"] == abits
+        and (device_name is None or table.get("device") in (None, device_name))
+    ]
     if not rows:
         return fallback
 
     def distance(r):
-        return abs(math.log2(max(r["m"], 1)) - math.log2(max(m, 1))) + abs(math.log2(r["n"] * r["k"]) - math.log2(n * k))
+        return abs(math.log2(max(r["m"], 1)) - math.log2(max(m, 1))) + abs(
+            math.log2(r["n"] * r["k"]) - math.log2(n * k)
+        )
 
     best = min(distance(r) for r in rows)
     nearest = [r for r in rows if distance(r) == best]

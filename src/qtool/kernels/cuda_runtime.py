@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
+from qtool.core.paths import bundled_dir
 
-SOURCE_DIR = Path(os.environ.get("QTOOL_KERNEL_SRC", Path(__file__).resolve().parents[3] / "kernels" / "cuda"))
+SOURCE_DIR = Path(os.environ.get("QTOOL_KERNEL_SRC") or bundled_dir("cuda"))
 _MODULES: dict = {}  # (source, name_expression, options) -> cupy.RawModule
 
 
@@ -35,7 +36,9 @@ def on_gpu(*tensors) -> bool:
 def _arch_option() -> str:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
-        raise QtoolError(f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: run on CPU references instead")
+        raise QtoolError(
+            f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: run on CPU references instead"
+        )
     return f"--gpu-architecture=sm_{major}{minor}"
 
 

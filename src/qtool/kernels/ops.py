@@ -7,10 +7,10 @@ import functools
 
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels import cuda_runtime as rt
 from qtool.kernels import reference as ref
-from qtool.kernels.packing import LowbitWeights, PackedActivations, WOnlyWeights
+from qtool.kernels.layouts import LowbitWeights, PackedActivations, WOnlyWeights
 from qtool.kernels.segments import Segments
 
 GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
@@ -22,8 +22,8 @@ SIMT_WARPS = {False: 8, True: 16}
 SIMT_PLAIN, SIMT_FUSED, SIMT_CODES = 0, 1, 2  # MODE in wonly_gemv.cu
 
 # Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
-# GEMV_MAX_M above it. Set from an H100 run of bench/gemv_variants.py (both forced at M = 1, 4, 16;
-# bench/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
+# GEMV_MAX_M above it. Set from an H100 run of benchmarks/gemv_variants.py (both forced at M = 1, 4, 16;
+# benchmarks/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
 # and uint8 zero loads add ~6 instructions per group): SIMT costs ~(2 + M) instructions per weight
 # pair (W4: ~84 per 16-byte word at M = 1, ~158 at M = 4), so for W4 it wins at M = 1 (2.5-3.6x fp16 vs 2.0-2.4x) but
 # not at M = 4 (1.6x vs 1.9x on 4096x11008); W8 follows W4 (not measured). W2/W3 stay on SIMT up to
@@ -59,12 +59,20 @@ def _seg_tables(seg: Segments, device: torch.device) -> tuple[torch.Tensor, ...]
     """Device copies of a layout's segment tables, made once: a per-call host-to-device copy would
     synchronize the host with the stream and cost more than the kernels themselves.
     (clusters, chunk_seg, bounds, padded starts, cluster_of, tile_seg, ptile), int32."""
-    return (_as_int32(seg.clusters, device), seg.chunk_seg().to(device), _as_int32(seg.bounds, device),
-            _as_int32([t * seg.tile for t in seg.ptile], device), _as_int32(seg.cluster_of, device),
-            seg.tile_seg().to(device), _as_int32(seg.ptile, device))
+    return (
+        _as_int32(seg.clusters, device),
+        seg.chunk_seg().to(device),
+        _as_int32(seg.bounds, device),
+        _as_int32([t * seg.tile for t in seg.ptile], device),
+        _as_int32(seg.cluster_of, device),
+        seg.tile_seg().to(device),
+        _as_int32(seg.ptile, device),
+    )
 
 
-def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout: str | None = None) -> PackedActivations:
+def quantize_activations(
+    x: torch.Tensor, bits: int, segments: Segments, layout: str | None = None
+) -> PackedActivations:
     """Per-token (per-cluster) asymmetric `bits`-bit codes of x [M, K], packed in the K order of
     `segments` (take them from the packed weights: `w.segments`) as bit-planes or u8 bytes."""
     x = _check_x(x, segments.k)
@@ -72,7 +80,9 @@ def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout:
         raise QtoolError(f"activation bits must be in 1..8, got {bits}")
     layout = layout or ("planes" if segments.tile == 256 else "u8")
     if (layout == "planes") != (segments.tile == 256):
-        raise QtoolError(f"layout {layout!r} does not match segments padded to {segments.tile}: quantize with the weights' layout")
+        raise QtoolError(
+            f"layout {layout!r} does not match segments padded to {segments.tile}: quantize with the weights' layout"
+        )
     if not rt.on_gpu(x):
         return ref.quantize_activations_ref(x, bits, segments, layout)
     m, dev = x.shape[0], x.device
@@ -85,20 +95,47 @@ def quantize_activations(x: torch.Tensor, bits: int, segments: Segments, layout:
     zero = torch.empty(m, c, dtype=torch.float32, device=dev)
     seg_sum = torch.empty(m, s, dtype=torch.int32, device=dev)
     tables = _seg_tables(segments, dev)
-    fn = rt.kernel("quantize_act.cu", f"quantize_act<{'true' if layout == 'planes' else 'false'}, {rt.type_tag(x.dtype)}>")
+    fn = rt.kernel(
+        "quantize_act.cu", f"quantize_act<{'true' if layout == 'planes' else 'false'}, {rt.type_tag(x.dtype)}>"
+    )
     smem = (2 * c + s) * 4
     if smem > 48 * 1024:
-        raise QtoolError(f"{c} clusters and {s} segments need {smem} B of shared memory (max 48 KiB): use fewer clusters or larger groups")
+        raise QtoolError(
+            f"{c} clusters and {s} segments need {smem} B of shared memory (max 48 KiB): use fewer clusters or larger groups"
+        )
     if m:
-        rt.launch(fn, (m,), (256,), (rt.ptr(x), rt.i32(m), rt.i32(segments.k), rt.i32(bits), rt.ptr(tables[0]), rt.i32(c),
-                                     rt.ptr(tables[1]), rt.ptr(tables[2]), rt.ptr(tables[3]), rt.ptr(tables[4]), rt.i32(s), rt.i32(p),
-                                     rt.ptr(data), rt.ptr(scale), rt.ptr(zero), rt.ptr(seg_sum)), shared_mem=smem)
+        rt.launch(
+            fn,
+            (m,),
+            (256,),
+            (
+                rt.ptr(x),
+                rt.i32(m),
+                rt.i32(segments.k),
+                rt.i32(bits),
+                rt.ptr(tables[0]),
+                rt.i32(c),
+                rt.ptr(tables[1]),
+                rt.ptr(tables[2]),
+                rt.ptr(tables[3]),
+                rt.ptr(tables[4]),
+                rt.i32(s),
+                rt.i32(p),
+                rt.ptr(data),
+                rt.ptr(scale),
+                rt.ptr(zero),
+                rt.ptr(seg_sum),
+            ),
+            shared_mem=smem,
+        )
     return PackedActivations(layout, bits, m, x.dtype, data, scale, zero, seg_sum, segments)
 
 
 def _check_pair(a: PackedActivations, w: LowbitWeights, layout: str) -> None:
     if w.layout != layout or a.layout != layout:
-        raise QtoolError(f"this GEMM needs '{layout}' weights and activations, got '{w.layout}' and '{a.layout}': pack both with layout='{layout}'")
+        raise QtoolError(
+            f"this GEMM needs '{layout}' weights and activations, got '{w.layout}' and '{a.layout}': pack both with layout='{layout}'"
+        )
     if a.segments != w.segments:
         raise QtoolError("activations were quantized with other segments than the weights: pass segments=w.segments")
 
@@ -116,7 +153,9 @@ def _output(m: int, n: int, dtype, device, out: torch.Tensor | None) -> torch.Te
     if out is None:
         return torch.empty(m, n, dtype=dtype, device=device)
     if out.shape != (m, n) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise QtoolError(f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise QtoolError(
+            f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     return out
 
 
@@ -124,7 +163,9 @@ def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return y if out is None else _output(*y.shape, y.dtype, y.device, out).copy_(y)
 
 
-def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, grid, threads: int, out, bounds: bool = False):
+def _lowbit_launch(
+    name: str, a: PackedActivations, w: LowbitWeights, bias, grid, threads: int, out, bounds: bool = False
+):
     """Launch a low-bit GEMM/GEMV of lowbit_gemm.cu; they share one argument list (the bit-plane
     GEMV also takes the segments' K bounds, after the padded tile offsets)."""
     seg, dev = w.segments, a.data.device
@@ -135,10 +176,29 @@ def _lowbit_launch(name: str, a: PackedActivations, w: LowbitWeights, bias, grid
     tables = (rt.ptr(t[6]), rt.ptr(t[2])) if bounds else (rt.ptr(t[6]),)
     fn = rt.kernel("lowbit_gemm.cu", name)
     if a.m:
-        rt.launch(fn, grid, (threads,), (rt.ptr(a.data), rt.ptr(w.data), rt.ptr(t[5]), rt.ptr(a.scale), rt.ptr(a.zero),
-                                         rt.ptr(a.seg_sum), rt.ptr(t[4]), rt.ptr(w.terms), *tables,
-                                         rt.i32(a.m), rt.i32(w.n), rt.i32(len(seg.clusters) - 1), rt.i32(seg.count),
-                                         rt.ptr(bias), rt.ptr(y), rt.i32(seg.ntiles)))
+        rt.launch(
+            fn,
+            grid,
+            (threads,),
+            (
+                rt.ptr(a.data),
+                rt.ptr(w.data),
+                rt.ptr(t[5]),
+                rt.ptr(a.scale),
+                rt.ptr(a.zero),
+                rt.ptr(a.seg_sum),
+                rt.ptr(t[4]),
+                rt.ptr(w.terms),
+                *tables,
+                rt.i32(a.m),
+                rt.i32(w.n),
+                rt.i32(len(seg.clusters) - 1),
+                rt.i32(seg.count),
+                rt.ptr(bias),
+                rt.ptr(y),
+                rt.i32(seg.ntiles),
+            ),
+        )
     return y
 
 
@@ -146,7 +206,9 @@ def _tile_grid(a: PackedActivations, w: LowbitWeights, wm: int, wn: int) -> tupl
     return -(-w.n // (8 * wn)), -(-a.m // (16 * wm))
 
 
-def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def bitplane_gemm(
+    a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = x_hat @ w_hat^T + bias from bit-planes (AND+POPC tensor cores); output in x's dtype."""
     _check_pair(a, w, "planes")
     if not rt.on_gpu(a.data, w.data):
@@ -154,8 +216,15 @@ def bitplane_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | N
     if a.m <= GEMV_MAX_M:
         return _bitplane_gemv(a, w, bias, out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
-    return _lowbit_launch(f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias,
-                          _tile_grid(a, w, wm, wn), 32 * ks, out)
+    return _lowbit_launch(
+        f"bitplane_gemm<{w.bits}, {a.bits}, {wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>",
+        a,
+        w,
+        bias,
+        _tile_grid(a, w, wm, wn),
+        32 * ks,
+        out,
+    )
 
 
 def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
@@ -165,15 +234,21 @@ def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
     return _lowbit_launch(name, a, w, bias, (-(-w.n // 4),), 128, out, bounds=True)
 
 
-def u8_gemm(a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def u8_gemm(
+    a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = x_hat @ w_hat^T + bias from u8 codes (activations) and nibbles (weights) on IMMA tensor cores."""
     _check_pair(a, w, "u8")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.u8_gemm_ref(a, w, bias), out)
-    if a.m > GEMV_MAX_M:  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
+    if (
+        a.m > GEMV_MAX_M
+    ):  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
         return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, 4, 8), 128, out)
     wm, wn, ks = _lowbit_config(a.m, 3)
-    return _lowbit_launch(f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, wm, wn), 32 * ks, out)
+    return _lowbit_launch(
+        f"u8_gemm<{wm}, {wn}, {ks}, {rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, wm, wn), 32 * ks, out
+    )
 
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,7 +265,9 @@ def _gshift(w: WOnlyWeights) -> int:
 def _wonly_args(w: WOnlyWeights):
     """The packed-weight pointers every weight-only kernel takes first, and the group shift."""
     if w.scales.dtype != torch.float16 or w.zeros.dtype != torch.uint8:
-        raise QtoolError(f"weight-only kernels take fp16 scales and uint8 zeros, got {w.scales.dtype} and {w.zeros.dtype}: pack with pack_wonly")
+        raise QtoolError(
+            f"weight-only kernels take fp16 scales and uint8 zeros, got {w.scales.dtype} and {w.zeros.dtype}: pack with pack_wonly"
+        )
     return (rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.scales), rt.ptr(w.zeros)), _gshift(w)
 
 
@@ -202,8 +279,12 @@ def dequantize_weights(w: WOnlyWeights, dtype: torch.dtype = torch.float16) -> t
     wptrs, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_dequant<{w.bits}, {rt.type_tag(dtype)}>")
     total = w.n * w.row_words
-    rt.launch(fn, (-(-total // 256),), (256,), (*wptrs, rt.ptr(out), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-                                                rt.i32(w.scales.shape[1]), rt.i32(gshift)))
+    rt.launch(
+        fn,
+        (-(-total // 256),),
+        (256,),
+        (*wptrs, rt.ptr(out), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words), rt.i32(w.scales.shape[1]), rt.i32(gshift)),
+    )
     return out
 
 
@@ -243,8 +324,9 @@ def w_only_impl(m: int, w: WOnlyWeights) -> str:
 _SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
 
 
-def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: bool = False, norm=None, a_bits=None,
-               residual=None) -> None:
+def _simt_gemv(
+    x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: bool = False, norm=None, a_bits=None, residual=None
+) -> None:
     """Persistent-style grid: as many blocks per x slice as stay resident, and the row groups spread
     evenly over their warps (rounds = ceil(row groups / resident warps)), so no partial last wave.
     gated / norm / a_bits / residual: see w_only_gemm (applied in the kernel)."""
@@ -252,10 +334,14 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: b
     mt, slices, u, nseg, _ = simt_plan(w.bits, w.group, w.row_words, m)
     smem = _simt_smem(w, m, gated, norm is not None)
     if not _simt_fits(w, m, gated, norm is not None):
-        raise QtoolError(f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'")
+        raise QtoolError(
+            f"the SIMT GEMV needs {smem} B of shared memory for M={m}, K={w.k}: too much for this GPU, use impl='mma'"
+        )
     mode = simt_mode(w.bits, w.scales.shape[1], a_bits, gated or norm is not None or residual is not None)
     warps = SIMT_WARPS[mode != SIMT_PLAIN]
-    fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {mode}, {warps}>")
+    fn = rt.kernel(
+        "wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {mode}, {warps}>"
+    )
     key = (rt.handle(fn), smem)
     if key not in _SIMT_OCCUPANCY:
         _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, 32 * warps, smem)
@@ -265,11 +351,31 @@ def _simt_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: b
     rounds = -(-groups // (resident * warps))
     nblk = -(-groups // (rounds * warps))
     wptrs, gshift = _wonly_args(w)
-    rt.launch(fn, (nblk * slices,), (32 * warps,),
-              (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-               rt.i32(w.scales.shape[1]), rt.i32(gshift), rt.i32(nblk), rt.i32(x.stride(0)), rt.i32(int(gated)),
-               rt.ptr(None if norm is None else norm[0]), rt.f32(0.0 if norm is None else norm[1]), rt.i32(a_bits or 0),
-               rt.ptr(residual)), shared_mem=smem)
+    rt.launch(
+        fn,
+        (nblk * slices,),
+        (32 * warps,),
+        (
+            *wptrs,
+            rt.ptr(x),
+            rt.ptr(bias),
+            rt.ptr(y),
+            rt.i32(m),
+            rt.i32(w.n),
+            rt.i32(w.k),
+            rt.i32(w.row_words),
+            rt.i32(w.scales.shape[1]),
+            rt.i32(gshift),
+            rt.i32(nblk),
+            rt.i32(x.stride(0)),
+            rt.i32(int(gated)),
+            rt.ptr(None if norm is None else norm[0]),
+            rt.f32(0.0 if norm is None else norm[1]),
+            rt.i32(a_bits or 0),
+            rt.ptr(residual),
+        ),
+        shared_mem=smem,
+    )
 
 
 def mma_plan(bits: int, m: int) -> tuple[int, bool]:
@@ -283,9 +389,23 @@ def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     nt, m16 = mma_plan(w.bits, m)
     wptrs, gshift = _wonly_args(w)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_gemv<{w.bits}, {nt}, {str(m16).lower()}, {rt.type_tag(x.dtype)}>")
-    rt.launch(fn, (-(-w.n // (8 * nt)),), (GEMV_THREADS,),
-              (*wptrs, rt.ptr(x), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(w.k), rt.i32(w.row_words),
-               rt.i32(w.scales.shape[1]), rt.i32(gshift)))
+    rt.launch(
+        fn,
+        (-(-w.n // (8 * nt)),),
+        (GEMV_THREADS,),
+        (
+            *wptrs,
+            rt.ptr(x),
+            rt.ptr(bias),
+            rt.ptr(y),
+            rt.i32(m),
+            rt.i32(w.n),
+            rt.i32(w.k),
+            rt.i32(w.row_words),
+            rt.i32(w.scales.shape[1]),
+            rt.i32(gshift),
+        ),
+    )
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -293,9 +413,18 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                impl: str | None = None, *, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                a_bits: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+def w_only_gemm(
+    x: torch.Tensor,
+    w: WOnlyWeights,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    impl: str | None = None,
+    *,
+    gated: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,
+    a_bits: int | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x' @ w_hat^T + bias (+ residual) for fp16/bf16 x [M, K]. On the GPU, `impl` (default:
     w_only_impl) picks the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_MAX_M),
     or one dequantization to x's dtype followed by torch (cuBLAS) matmul ('dequant').
@@ -310,7 +439,9 @@ def w_only_gemm(x: torch.Tensor, w: WOnlyWeights, bias: torch.Tensor | None = No
     if impl is not None and impl not in WONLY_IMPLS:
         raise QtoolError(f"impl must be one of {WONLY_IMPLS} or None, got {impl!r}")
     if residual is not None and (residual.shape != (x.shape[0], w.n) or residual.dtype != x.dtype):
-        raise QtoolError(f"residual must be [{x.shape[0]}, {w.n}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+        raise QtoolError(
+            f"residual must be [{x.shape[0]}, {w.n}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+        )
     prologue = gated or norm is not None or bool(a_bits)
     if not rt.on_gpu(x, w.data):
         y = ref.w_only_gemm_ref(ref.wonly_prologue_ref(x, gated, norm, a_bits), w, bias)

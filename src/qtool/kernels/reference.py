@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels.packing import (
+from qtool.core.quantizer import fake_quant_per_token, minmax_qparams
+from qtool.kernels.layouts import (
     LowbitWeights,
     PackedActivations,
     WOnlyWeights,
@@ -16,12 +17,11 @@ from qtool.kernels.packing import (
     unpack_wonly,
 )
 from qtool.kernels.segments import Segments
-from qtool.quant.quantizer import fake_quant_per_token, minmax_qparams
 
 
 def quantize_codes(x: torch.Tensor, bits: int, seg: Segments):
     """Per-token per-cluster asymmetric codes: (codes [M,K] int64, scale [M,C], zero [M,C]) in fp32.
-    Each range includes 0, as in the stages' fake quantizer (quant.quantizer.minmax_qparams)."""
+    Each range includes 0, as in the stages' fake quantizer (core.quantizer.minmax_qparams)."""
     qmax = float(2**bits - 1)
     xf = x.to(torch.float32)
     scales, zeros, codes = [], [], []
@@ -49,8 +49,10 @@ def quantize_activations_ref(x: torch.Tensor, bits: int, seg: Segments, layout: 
 
 def dequantize_activations(a: PackedActivations) -> torch.Tensor:
     """float64 x_hat = (q - z) * s, cluster by cluster."""
-    cl = torch.tensor([i for i, (p, q) in enumerate(zip(a.segments.clusters[:-1], a.segments.clusters[1:])) for _ in range(q - p)],
-                      device=a.scale.device)
+    cl = torch.tensor(
+        [i for i, (p, q) in enumerate(zip(a.segments.clusters[:-1], a.segments.clusters[1:])) for _ in range(q - p)],
+        device=a.scale.device,
+    )
     return (a.codes().to(torch.float64) - a.zero.double()[:, cl]) * a.scale.double()[:, cl]
 
 
@@ -62,7 +64,11 @@ def _epilogue(a: PackedActivations, w: LowbitWeights, dots, bias, out_dtype, cdt
     wa, wb, wc = (t.to(cdt) for t in w.terms)  # [S, N]
     y = torch.zeros(a.m, w.n, dtype=cdt, device=a.scale.device)
     for s, dot in enumerate(dots):
-        y += sx[:, s : s + 1] * wa[s] * dot - (sx[:, s] * a.seg_sum[:, s].to(cdt))[:, None] * wb[s] - (sx[:, s] * zx[:, s])[:, None] * wc[s]
+        y += (
+            sx[:, s : s + 1] * wa[s] * dot
+            - (sx[:, s] * a.seg_sum[:, s].to(cdt))[:, None] * wb[s]
+            - (sx[:, s] * zx[:, s])[:, None] * wc[s]
+        )
     if bias is not None:
         y += bias.to(cdt)
     return y.to(out_dtype)
@@ -74,7 +80,7 @@ def _segment_slices(seg: Segments):
 
 def _plane_bits(planes: torch.Tensor, cdt) -> torch.Tensor:
     """int32 planes [b, R, W] -> 0/1 [b, R, W*32] in padded order."""
-    from qtool.kernels.packing import _INVERSE_ORDER, _as_u32
+    from qtool.kernels.layouts import _INVERSE_ORDER, _as_u32
 
     b, r, w = planes.shape
     words = _as_u32(planes).view(b, r, -1, 8)[..., _INVERSE_ORDER].reshape(b, r, w, 1)
@@ -96,7 +102,7 @@ def bitplane_gemm_ref(a: PackedActivations, w: LowbitWeights, bias=None, out_dty
 
 def u8_gemm_ref(a: PackedActivations, w: LowbitWeights, bias=None, out_dtype=None, compute_dtype=torch.float32):
     """y = sum_seg epilogue(unsigned integer dot of the codes in the segment)."""
-    from qtool.kernels.packing import _INVERSE_ORDER
+    from qtool.kernels.layouts import _INVERSE_ORDER
 
     m = a.m
     xc = a.data.to(torch.int64).view(m, -1, 8, 4)[:, :, _INVERSE_ORDER].reshape(m, -1).to(compute_dtype)
@@ -110,7 +116,7 @@ def u8_gemm_ref(a: PackedActivations, w: LowbitWeights, bias=None, out_dtype=Non
 def dequantize_wonly(w: WOnlyWeights, dtype=torch.float32) -> torch.Tensor:
     codes, scales, zeros = unpack_wonly(w)
     g = torch.arange(w.k, device=codes.device) // w.group
-    return ((codes.to(dtype) - zeros.to(dtype)[:, g]) * scales.to(dtype)[:, g])
+    return (codes.to(dtype) - zeros.to(dtype)[:, g]) * scales.to(dtype)[:, g]
 
 
 def w_only_gemm_ref(x: torch.Tensor, w: WOnlyWeights, bias=None, compute_dtype=torch.float32):
@@ -141,8 +147,9 @@ def per_token_codes_ref(x: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.double() * scale.double()
 
 
-def wonly_prologue_ref(x: torch.Tensor, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                       a_bits: int | None = None) -> torch.Tensor:
+def wonly_prologue_ref(
+    x: torch.Tensor, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None, a_bits: int | None = None
+) -> torch.Tensor:
     """What the fused weight-only GEMV applies to x before the product, in torch's eager ops (the
     kernel rounds the same way): SiLU gate, then RMSNorm (weight, eps), then per-token fake quantization."""
     if gated:

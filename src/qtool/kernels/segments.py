@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
 TILE = {"planes": 256, "u8": 32}
 
@@ -63,7 +63,9 @@ def cluster_bounds(k: int, clusters) -> tuple[int, ...]:
         return (0, k)
     b = tuple(int(v) for v in (clusters.tolist() if torch.is_tensor(clusters) else clusters))
     if len(b) < 2 or b[0] != 0 or b[-1] != k or any(x >= y for x, y in zip(b[:-1], b[1:])):
-        raise QtoolError(f"cluster boundaries must rise strictly from 0 to K={k}; got {b[:4]}...{b[-2:]}: pass RPTQ's cumulative cluster sizes with a leading 0")
+        raise QtoolError(
+            f"cluster boundaries must rise strictly from 0 to K={k}; got {b[:4]}...{b[-2:]}: pass RPTQ's cumulative cluster sizes with a leading 0"
+        )
     return b
 
 

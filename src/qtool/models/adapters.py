@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qtool.errors import QtoolError
+from qtool.core.errors import QtoolError
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: 
     return torch.cat(outs)
 
 
-def iterate_blocks(
-    model: nn.Module, adapter: Adapter, device: torch.device
-) -> Iterator[tuple[int, nn.Module]]:
+def iterate_blocks(model: nn.Module, adapter: Adapter, device: torch.device) -> Iterator[tuple[int, nn.Module]]:
     """Yield (index, block) with the block moved to `device`, and move it home afterwards."""
     for index, block in enumerate(adapter.layers(model)):
         home = next(block.parameters()).device

@@ -14,8 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.errors import QtoolError
-from qtool.paths import cache_dir
+from qtool.core.errors import QtoolError
+from qtool.core.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,17 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     looks_like_hub = ref_s.count("/") == 1 and not ref_s.startswith((".", "/", "~"))
     if not looks_like_hub:
         known = ", ".join(SHORT_IDS)
-        raise QtoolError(f"model '{ref_s}' not found: no such directory, and not a known id ({known}) or hub id (org/name)")
+        raise QtoolError(
+            f"model '{ref_s}' not found: no such directory, and not a known id ({known}) or hub id (org/name)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref_s, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as exc:  # offline, unknown repo, gated repo: all one answer for the user
-        raise QtoolError(f"cannot fetch hub model '{ref_s}' ({type(exc).__name__}); download it to a directory and pass that path") from None
+        raise QtoolError(
+            f"cannot fetch hub model '{ref_s}' ({type(exc).__name__}); download it to a directory and pass that path"
+        ) from None
 
 
 def load_tokenizer(path: Path):
@@ -134,10 +138,14 @@ def load_model(path: Path, dtype=None, device: str | None = "cpu"):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
     except ImportError as exc:  # e.g. a GPTQ export, whose loader (optimum) is not installed
-        raise QtoolError(f"cannot load {path}: {str(exc).strip()[:200]}; install that, or evaluate the qtool stage it was exported from") from None
+        raise QtoolError(
+            f"cannot load {path}: {str(exc).strip()[:200]}; install that, or evaluate the qtool stage it was exported from"
+        ) from None
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QtoolError(f"cannot load weights from {path}: {first[:200]}; the files may be truncated or corrupt, re-create them") from None
+        raise QtoolError(
+            f"cannot load weights from {path}: {first[:200]}; the files may be truncated or corrupt, re-create them"
+        ) from None
     model.eval()
     if device:
         model.to(device)

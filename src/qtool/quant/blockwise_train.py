@@ -23,17 +23,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from qtool.calibrate import block_stats
-from qtool.errors import QtoolError
+from qtool.core.checkpoint import layer_key
+from qtool.core.errors import QtoolError
+from qtool.core.quantizer import fake_quant_weight
+from qtool.core.spec import QuantSpec
 from qtool.models.adapters import Adapter
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.block_losses import LOSSES
 from qtool.quant.fakequant import activation_hooks
 from qtool.quant.learned_weights import QUANTIZERS, fake_quant_grouped
 from qtool.quant.let import apply_let, init_let, let_plan
-from qtool.quant.qparams import qparam_key
-from qtool.quant.quantizer import fake_quant_weight
-from qtool.spec import QuantSpec
+from qtool.quant.stats import block_stats
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,17 @@ _LET = ("attn_in", "mlp_in", "v_o")
 PRESETS = {
     "omniquant": Preset("omniquant", "lwc", False, (), _LET, False, "mse", {"let": 5e-3, "lwc": 1e-2}, False),
     "efficientqat": Preset("efficientqat", "step", True, (), (), False, "mse", {"weight": 2e-5, "qparams": 1e-4}, True),
-    "abq": Preset("abq", "lwc", False, _LET + ("mlp_mid",), _LET + ("mlp_mid",), True, "abq",
-                  {"let": 5e-3, "lwc": 1e-2, "comp": 1e-2}, False),
+    "abq": Preset(
+        "abq",
+        "lwc",
+        False,
+        _LET + ("mlp_mid",),
+        _LET + ("mlp_mid",),
+        True,
+        "abq",
+        {"let": 5e-3, "lwc": 1e-2, "comp": 1e-2},
+        False,
+    ),
 }
 
 
@@ -85,8 +94,18 @@ def _params(tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
 class BlockState:
     """The trainable parameters of one block and the single map from them to block weights."""
 
-    def __init__(self, block: nn.Module, adapter: Adapter, config, spec: QuantSpec, preset: Preset,
-                 stats: dict, index: int, n_blocks: int, alpha: float):
+    def __init__(
+        self,
+        block: nn.Module,
+        adapter: Adapter,
+        config,
+        spec: QuantSpec,
+        preset: Preset,
+        stats: dict,
+        index: int,
+        n_blocks: int,
+        alpha: float,
+    ):
         self.spec = spec
         self.linears = adapter.linear_names()
         self.base = {n: _master(p) for n, p in block.named_parameters()}
@@ -98,15 +117,24 @@ class BlockState:
             self.groups["weight"] = _params({f"{lin}.weight": self.base[f"{lin}.weight"] for lin in self.linears})
         if preset.compensation and index in (0, n_blocks - 1):
             w = self.base[f"{adapter.mlp_out}.weight"]
-            self.groups["comp"] = _params({f"{adapter.mlp_out}.left": w.new_zeros(w.shape[0], 1),
-                                           f"{adapter.mlp_out}.right": w.new_ones(1, w.shape[1])})
+            self.groups["comp"] = _params(
+                {
+                    f"{adapter.mlp_out}.left": w.new_zeros(w.shape[0], 1),
+                    f"{adapter.mlp_out}.right": w.new_ones(1, w.shape[1]),
+                }
+            )
         init_q, self._qparams = QUANTIZERS[preset.quantizer]
         self.qgroup = "lwc" if preset.quantizer == "lwc" else "qparams"
         if spec.quantizes_weights:
             with torch.no_grad():
                 start = self.transformed()
-            self.groups[self.qgroup] = _params({f"{lin}.{k}": v.to(start[f"{lin}.weight"])
-                                                for lin in self.linears for k, v in init_q(start[f"{lin}.weight"], spec).items()})
+            self.groups[self.qgroup] = _params(
+                {
+                    f"{lin}.{k}": v.to(start[f"{lin}.weight"])
+                    for lin in self.linears
+                    for k, v in init_q(start[f"{lin}.weight"], spec).items()
+                }
+            )
 
     def transformed(self) -> dict[str, torch.Tensor]:
         """Float block parameters: trained weights, then LET, then the compensation term."""
@@ -117,7 +145,9 @@ class BlockState:
             linear, _, side = key.rpartition(".")
             if side == "left":
                 comp = self.groups["comp"]
-                params[f"{linear}.weight"] = params[f"{linear}.weight"] + comp[f"{linear}.left"] @ comp[f"{linear}.right"]
+                params[f"{linear}.weight"] = (
+                    params[f"{linear}.weight"] + comp[f"{linear}.left"] @ comp[f"{linear}.right"]
+                )
         return params
 
     def qparams(self, linear: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +177,12 @@ class BlockState:
 
     def learned(self) -> dict[str, torch.Tensor]:
         """Every learned tensor but the trained weights, which the folded parameters already are."""
-        return {f"{group}.{k}": v.detach() for group, params in self.groups.items() if group != "weight" for k, v in params.items()}
+        return {
+            f"{group}.{k}": v.detach()
+            for group, params in self.groups.items()
+            if group != "weight"
+            for k, v in params.items()
+        }
 
 
 @contextmanager
@@ -177,14 +212,27 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def fit_block(block: nn.Module, adapter: Adapter, state: BlockState, loss_fn, q_in: torch.Tensor, fp_in: torch.Tensor,
-              targets: dict, kwargs: dict, settings: TrainSettings, index: int, head_dim: int,
-              on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+def fit_block(
+    block: nn.Module,
+    adapter: Adapter,
+    state: BlockState,
+    loss_fn,
+    q_in: torch.Tensor,
+    fp_in: torch.Tensor,
+    targets: dict,
+    kwargs: dict,
+    settings: TrainSettings,
+    index: int,
+    head_dim: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Train `state` so the quantized block maps q_in to the targets; returns the epoch losses."""
     device = next(block.parameters()).device
     n = q_in.shape[0]
     steps = max(n // settings.batch, 1)
-    groups = [{"params": list(p.values()), "lr": settings.lr[name], "name": name} for name, p in state.groups.items() if p]
+    groups = [
+        {"params": list(p.values()), "lr": settings.lr[name], "name": name} for name, p in state.groups.items() if p
+    ]
     if not groups:
         return []
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -212,12 +260,16 @@ def fit_block(block: nn.Module, adapter: Adapter, state: BlockState, loss_fn, q_
                 loss = loss_fn(out, batch)
             value = loss.item()
             if not math.isfinite(value):
-                raise QtoolError(f"block {index}: training loss became {value} (epoch {epoch + 1}, step {step + 1}); "
-                                 "lower the learning rates (--lr-*) or check the calibration data")
+                raise QtoolError(
+                    f"block {index}: training loss became {value} (epoch {epoch + 1}, step {step + 1}); "
+                    "lower the learning rates (--lr-*) or check the calibration data"
+                )
             first = value if first is None else first
             if first > 0 and value > settings.diverge * first:
-                raise QtoolError(f"block {index}: training loss diverged to {value:.4g}, {settings.diverge:g}x its first "
-                                 f"value {first:.4g} (epoch {epoch + 1}); lower the learning rates (--lr-*)")
+                raise QtoolError(
+                    f"block {index}: training loss diverged to {value:.4g}, {settings.diverge:g}x its first "
+                    f"value {first:.4g} (epoch {epoch + 1}); lower the learning rates (--lr-*)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -231,8 +283,16 @@ def fit_block(block: nn.Module, adapter: Adapter, state: BlockState, loss_fn, q_
 
 
 @torch.no_grad()
-def run_quantized(block: nn.Module, adapter: Adapter, spec: QuantSpec, qparams: dict, hidden: torch.Tensor,
-                  kwargs: dict, head_dim: int, batch_size: int) -> torch.Tensor:
+def run_quantized(
+    block: nn.Module,
+    adapter: Adapter,
+    spec: QuantSpec,
+    qparams: dict,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    head_dim: int,
+    batch_size: int,
+) -> torch.Tensor:
     """The folded block with its learned weight quantization and the spec's activation quantization."""
     linears = adapter.linears(block)
     saved = {lin: m.weight.detach().clone() for lin, m in linears.items()}
@@ -256,10 +316,19 @@ def _cache_device(device: torch.device, windows: torch.Tensor, hidden_size: int,
     return device if need < 0.4 * free else torch.device("cpu")
 
 
-def train_blocks(model: nn.Module, adapter: Adapter, spec: QuantSpec, preset: Preset, settings: TrainSettings,
-                 windows: torch.Tensor, device: torch.device, journal, batch_size: int = 1,
-                 on_block: Callable[[int, int], None] | None = None,
-                 on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[dict, dict]:
+def train_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    spec: QuantSpec,
+    preset: Preset,
+    settings: TrainSettings,
+    windows: torch.Tensor,
+    device: torch.device,
+    journal,
+    batch_size: int = 1,
+    on_block: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> tuple[dict, dict]:
     """Train every block in order; returns ({qparam key: tensor}, {"block{i}.loss": final epoch loss})."""
     loss_fn = LOSSES[preset.loss]()
     if loss_fn.needs_attention:
@@ -283,13 +352,25 @@ def train_blocks(model: nn.Module, adapter: Adapter, spec: QuantSpec, preset: Pr
                     targets["fp_qin"] = run_block(block, q_in, kwargs, batch_size)
             stats = {k: v.to(device) for k, v in stats.items()}
             state = BlockState(block, adapter, model.config, spec, preset, stats, index, n_blocks, alpha=settings.alpha)
-            history = fit_block(block, adapter, state, loss_fn, q_in, fp_in, targets, kwargs, settings, index, head_dim,
-                                (lambda e, v, i=index: on_epoch(i, e, v)) if on_epoch else None)
+            history = fit_block(
+                block,
+                adapter,
+                state,
+                loss_fn,
+                q_in,
+                fp_in,
+                targets,
+                kwargs,
+                settings,
+                index,
+                head_dim,
+                (lambda e, v, i=index: on_epoch(i, e, v)) if on_epoch else None,
+            )
             folded, block_qp = state.fold()
             done = {f"param.{k}": v for k, v in folded.items()}
             done.update({f"learned.{k}": v for k, v in state.learned().items()})
             for lin, (scale, zero) in block_qp.items():
-                done[qparam_key(index, lin, "scale")], done[qparam_key(index, lin, "zero")] = scale, zero
+                done[layer_key(index, lin, "scale")], done[layer_key(index, lin, "zero")] = scale, zero
             done["loss"] = torch.tensor(history or [0.0])
             journal.save(index, done)
             done = {k: v.detach().cpu() for k, v in done.items()}
@@ -297,10 +378,15 @@ def train_blocks(model: nn.Module, adapter: Adapter, spec: QuantSpec, preset: Pr
             params = dict(block.named_parameters())
             for key, value in done.items():
                 if key.startswith("param."):
-                    params[key[len("param."):]].copy_(value)
-        block_qp = {lin: (done[qparam_key(index, lin, "scale")], done[qparam_key(index, lin, "zero")])
-                    for lin in adapter.linear_names() if qparam_key(index, lin, "scale") in done}
-        qparams.update({qparam_key(index, lin, w): t for lin, st in block_qp.items() for w, t in zip(("scale", "zero"), st)})
+                    params[key[len("param.") :]].copy_(value)
+        block_qp = {
+            lin: (done[layer_key(index, lin, "scale")], done[layer_key(index, lin, "zero")])
+            for lin in adapter.linear_names()
+            if layer_key(index, lin, "scale") in done
+        }
+        qparams.update(
+            {layer_key(index, lin, w): t for lin, st in block_qp.items() for w, t in zip(("scale", "zero"), st)}
+        )
         losses[f"block{index}.loss"] = float(done["loss"][-1])
         q_in = run_quantized(block, adapter, spec, block_qp, q_in, kwargs, head_dim, batch_size)
         fp_in = target

@@ -14,26 +14,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from qtool.errors import QtoolError
-from qtool.models.adapters import Adapter
-from qtool.quant.qparams import qparam_key
-from qtool.quant.quantizer import (
+from qtool.core.checkpoint import layer_key
+from qtool.core.errors import QtoolError
+from qtool.core.quantizer import (
     fake_quant,
     fake_quant_per_token,
     fake_quant_weight,
     minmax_qparams,
 )
-from qtool.spec import QuantSpec
-
-
-def stat_prefix(block: int, linear: str, where: str) -> str:
-    """Prefix of the calibration statistics of one tensor: where is "input" or "output"."""
-    return f"layers.{block}.{linear}.{where}"
-
-
-def stat_key(block: int, linear: str, where: str, what: str) -> str:
-    """Name of one calibration statistic; what is min, max or absmax."""
-    return f"{stat_prefix(block, linear, where)}.{what}"
+from qtool.core.spec import QuantSpec
+from qtool.models.adapters import Adapter
 
 
 class ActQuantizer:
@@ -44,8 +34,13 @@ class ActQuantizer:
     dynamic is the one-cluster case). `ste` lets gradients through for block-wise training.
     """
 
-    def __init__(self, bits: int, bounds: torch.Tensor, static_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 ste: bool = False):
+    def __init__(
+        self,
+        bits: int,
+        bounds: torch.Tensor,
+        static_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ste: bool = False,
+    ):
         self.bits, self.levels, self.ste = bits, 2**bits, ste
         self.sizes = torch.diff(bounds).tolist()
         self.qparams = None
@@ -90,18 +85,27 @@ class OutputHook(InputHook):
 def _check(spec: QuantSpec, stats, clusters) -> None:
     cluster = spec.a_granularity == "cluster"
     if cluster and (spec.quantizes_activations or spec.quantizes_kv) and clusters is None:
-        raise QtoolError(f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that")
+        raise QtoolError(
+            f"{spec.name} needs channel clusters: run `qtool reorder` on a calibrate stage and evaluate that"
+        )
     static_kv = cluster and spec.quantizes_kv and spec.a_static
     if ((spec.quantizes_activations and spec.a_static) or static_kv) and stats is None:
         raise QtoolError(f"{spec.name} uses static activation ranges: evaluate a calibrate stage (`qtool calibrate`)")
 
 
-def activation_hooks(block: nn.Module, adapter: Adapter, spec: QuantSpec, head_dim: int, index: int = 0,
-                     stats: Mapping[str, torch.Tensor] | None = None, ste: bool = False,
-                     clusters: Mapping[str, torch.Tensor] | None = None) -> list:
+def activation_hooks(
+    block: nn.Module,
+    adapter: Adapter,
+    spec: QuantSpec,
+    head_dim: int,
+    index: int = 0,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    ste: bool = False,
+    clusters: Mapping[str, torch.Tensor] | None = None,
+) -> list:
     """Hooks that fake-quantize one block's linear inputs and its KV outputs as `spec` says.
 
-    `clusters` maps a stat prefix (`stat_prefix`) to the cluster bounds of that tensor, as
+    `clusters` maps a stat prefix (`layer_key(block, linear, where)`) to the cluster bounds of that tensor, as
     `qtool reorder` writes them; `-cluster` specs need it. Without clusters the KV cache is
     quantized per token and head."""
     _check(spec, stats, clusters)
@@ -115,11 +119,11 @@ def activation_hooks(block: nn.Module, adapter: Adapter, spec: QuantSpec, head_d
     handles = []
     for name, linear in adapter.linears(block).items():
         if spec.quantizes_activations:
-            q = quantizer(spec.a_bits, stat_prefix(index, name, "input"), linear.in_features)
+            q = quantizer(spec.a_bits, layer_key(index, name, "input"), linear.in_features)
             handles.append(linear.register_forward_pre_hook(InputHook(q)))
         if spec.quantizes_kv and name in (adapter.k, adapter.v):
             if cluster:
-                q = quantizer(spec.kv_bits, stat_prefix(index, name, "output"), linear.out_features)
+                q = quantizer(spec.kv_bits, layer_key(index, name, "output"), linear.out_features)
             else:
                 q = lambda x, bits=spec.kv_bits: fake_quant_per_token(x, bits, width=head_dim, ste=ste)  # noqa: E731
             handles.append(linear.register_forward_hook(OutputHook(q)))
@@ -127,8 +131,14 @@ def activation_hooks(block: nn.Module, adapter: Adapter, spec: QuantSpec, head_d
 
 
 @torch.no_grad()
-def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mapping[str, torch.Tensor] | None = None,
-               qparams: Mapping[str, torch.Tensor] | None = None, clusters: Mapping[str, torch.Tensor] | None = None) -> list:
+def apply_spec(
+    model: nn.Module,
+    adapter: Adapter,
+    spec: QuantSpec,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    qparams: Mapping[str, torch.Tensor] | None = None,
+    clusters: Mapping[str, torch.Tensor] | None = None,
+) -> list:
     """Fake-quantize `model` in place for `spec`; returns the hook handles (remove() undoes hooks,
     not the weight rounding). Weights use the learned scale/zero in `qparams` where it has them
     (a trained stage), round-to-nearest ranges elsewhere; activations as `activation_hooks`."""
@@ -138,7 +148,9 @@ def apply_spec(model: nn.Module, adapter: Adapter, spec: QuantSpec, stats: Mappi
     for index, block in enumerate(adapter.layers(model)):
         if spec.quantizes_weights:
             for name, linear in adapter.linears(block).items():
-                learned = [qparams.get(qparam_key(index, name, w)) for w in ("scale", "zero")] if qparams else [None, None]
+                learned = (
+                    [qparams.get(layer_key(index, name, w)) for w in ("scale", "zero")] if qparams else [None, None]
+                )
                 linear.weight.copy_(fake_quant_weight(linear.weight, spec, *learned))
         handles += activation_hooks(block, adapter, spec, head_dim, index, stats, clusters=clusters)
     return handles

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.quant.quantizer import (
+from qtool.core.quantizer import (
     EPS,
     fake_quant,
     from_groups,
@@ -20,7 +20,7 @@ from qtool.quant.quantizer import (
     to_groups,
     weight_qparams,
 )
-from qtool.spec import QuantSpec
+from qtool.core.spec import QuantSpec
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982: start next to the full (unclipped) range
 

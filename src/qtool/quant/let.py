@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool.core.checkpoint import layer_key
 from qtool.models.adapters import Adapter
-from qtool.quant.fakequant import stat_key
 
 MIN_SCALE = 1e-5
 
@@ -115,7 +115,7 @@ def init_let(plan: LetPlan, params: dict, stats: dict, index: int, alpha: float)
             continue
         consumer = pair.consumers[0]
         weight = params[f"{consumer}.weight"]
-        lo, hi = (stats[stat_key(index, consumer, "input", w)].to(weight) for w in ("min", "max"))
+        lo, hi = (stats[layer_key(index, consumer, "input", w)].to(weight) for w in ("min", "max"))
         shift = (hi + lo) / 2 if pair.shift else torch.zeros_like(hi)
         act = torch.maximum(hi - shift, shift - lo)
         wmax = torch.stack([params[f"{c}.weight"].abs().amax(0) for c in pair.consumers]).amax(0)

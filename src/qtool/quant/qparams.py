@@ -13,16 +13,12 @@ from functools import partial
 
 import torch
 
-from qtool.checkpoint import Stage
+from qtool.core.checkpoint import Stage, layer_key
+from qtool.core.quantizer import quantize_weight
+from qtool.core.spec import QuantSpec
 from qtool.models.adapters import Adapter
-from qtool.quant.quantizer import quantize_weight
-from qtool.spec import QuantSpec
 
 QPARAMS = "qparams"
-
-
-def qparam_key(block: int, linear: str, what: str) -> str:
-    return f"layers.{block}.{linear}.{what}"
 
 
 def stage_qparams(stage: Stage) -> dict[str, torch.Tensor] | None:
@@ -30,13 +26,15 @@ def stage_qparams(stage: Stage) -> dict[str, torch.Tensor] | None:
 
 
 @torch.no_grad()
-def model_qparams(model, adapter: Adapter, spec: QuantSpec, stored: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def model_qparams(
+    model, adapter: Adapter, spec: QuantSpec, stored: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Codes, scales and zeros of every block linear: the stored scales and zeros where given
     (codes recomputed from the weights with them), round-to-nearest ranges otherwise."""
     out = {}
     for index, block in enumerate(adapter.layers(model)):
         for name, linear in adapter.linears(block).items():
-            key = partial(qparam_key, index, name)
+            key = partial(layer_key, index, name)
             scale = zero = None
             if stored is not None:
                 scale, zero = stored[key("scale")], stored[key("zero")]
