@@ -1,11 +1,12 @@
-"""The `qtool` command line: thin commands that parse options, call one stage, print a summary."""
+"""The `qtool` command line: one command per stage, made from the stage's parameter dataclass, plus
+`memory`, `generate`, `run` (recipes) and `bench`; each parses options, calls one function, prints a summary."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -21,7 +22,7 @@ app = typer.Typer(
 
 DEVICE = typer.Option("auto", help="Compute device: auto, cpu, cuda, cuda:N.")
 JSON = typer.Option(False, "--json", help="Print one JSON object as the last line.")
-BATCH = typer.Option(1, "--batch-size", min=1, help="Windows per forward pass.")
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
 def _quiet_libraries() -> None:
@@ -32,10 +33,10 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _finish(result: dict, as_json: bool, table: Table | None = None) -> None:
+def _finish(result: dict, as_json: bool, *tables: Table) -> None:
     from qtool.core.progress import console
 
-    if table is not None:
+    for table in tables:
         console.print(table)
     if as_json:
         print(json.dumps(result, default=str))
@@ -48,102 +49,52 @@ def _kv_table(title: str, rows: dict) -> Table:
     return table
 
 
-@app.command()
-def calibrate(
-    model: str = typer.Argument(..., help="Model id (smollm2-135m), model directory or hub id."),
-    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
-    data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
-    samples: int = typer.Option(128, min=1, help="Number of calibration windows."),
-    seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
-    seed: int = typer.Option(0, help="Seed of the window sampling."),
-    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
-    device: str = DEVICE,
-    batch_size: int = BATCH,
-    as_json: bool = JSON,
-):
-    """Per-channel activation statistics (min, max, absmax) at every linear input and q/k/v output."""
-    from qtool.stages.calibrate import CalibrateParams
-    from qtool.stages.calibrate import calibrate as run
+def _stage_command(stage):
+    """A command whose options are the stage's parameter fields (help, defaults and allowed values
+    from their `param` declarations), which builds the parameters, runs the stage and prints its
+    result."""
+    from qtool.stages.base import field_types, flag_name, parameter_fields, plain_type, range_text
 
-    result = run(
-        CalibrateParams(model, out, data=data, samples=samples, seqlen=seqlen, seed=seed, text_field=text_field),
-        device,
-        batch_size,
-    )
-    _finish(result, as_json)
+    types_ = field_types(stage.params)
+    signature = [
+        inspect.Parameter("model", KEYWORD, annotation=str, default=typer.Argument(..., help=stage.model_help))
+    ]
+    if "out" in types_:
+        out = typer.Option(..., "--out", "-o", help="Stage directory to write.")
+        signature.append(inspect.Parameter("out", KEYWORD, annotation=str, default=out))
+    for f in parameter_fields(stage.params):
+        if not f.metadata.get("cli", True):
+            continue
+        allowed = range_text(f)
+        help_ = f.metadata.get("help", "") + (f" [{allowed}]" if allowed else "")
+        flag = flag_name(f.name)
+        if types_[f.name] is bool:
+            flag += "/--no-" + flag[2:]
+        option = typer.Option(f.default, *(f.metadata.get("flags") or (flag,)), help=help_)
+        signature.append(inspect.Parameter(f.name, KEYWORD, annotation=plain_type(types_[f.name]), default=option))
+    signature.append(inspect.Parameter("as_json", KEYWORD, annotation=bool, default=JSON))
 
+    def command(as_json: bool, **values):
+        result = stage(stage.params(**values))
+        rows = result.rows()
+        _finish(
+            result.as_dict(), as_json, *result.tables(), *([_kv_table(f"qtool {stage.name}", rows)] if rows else [])
+        )
 
-@app.command("tune-e2e")
-def tune_e2e(
-    model: str = typer.Argument(
-        ..., help="A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."
-    ),
-    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
-    spec: Optional[str] = typer.Option(None, help="Weight-only spec (e.g. W2A16-g64); default: the stage's own."),
-    data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
-    samples: int = typer.Option(128, min=1, help="Training windows."),
-    seqlen: int = typer.Option(2048, min=2, help="Tokens per window."),
-    seed: int = typer.Option(0, help="Seed of the window sampling and the data order."),
-    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
-    epochs: int = typer.Option(1, min=1),
-    lr: float = typer.Option(2e-5, help="AdamW learning rate of the step sizes."),
-    weight_decay: float = typer.Option(0.0),
-    warmup_ratio: float = typer.Option(0.03, help="Fraction of steps of linear warm-up before the cosine decay."),
-    batch_size: int = typer.Option(1, min=1, help="Windows per micro-batch."),
-    grad_accum: int = typer.Option(8, min=1, help="Micro-batches per optimizer step."),
-    max_grad_norm: float = typer.Option(0.3, help="Gradient clipping norm."),
-    grad_checkpointing: bool = typer.Option(True, help="Recompute block activations in the backward pass."),
-    save_every: int = typer.Option(20, min=1, help="Checkpoint every N optimizer steps (for resume)."),
-    device: str = DEVICE,
-    as_json: bool = JSON,
-):
-    """E2E-QP: train the per-group step sizes end to end (codes and zero points frozen)."""
-    from qtool.stages.tune_e2e import TuneE2EParams
-    from qtool.stages.tune_e2e import tune_e2e as run
-
-    params = TuneE2EParams(
-        model,
-        out,
-        data=data,
-        samples=samples,
-        seqlen=seqlen,
-        seed=seed,
-        text_field=text_field,
-        spec=spec,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        grad_checkpointing=grad_checkpointing,
-    )
-    result = run(params, device, save_every)
-    rows = {
-        k: result[k]
-        for k in ("out", "spec", "steps", "final_loss", "trainable_params", "device", "seconds")
-        if k in result
-    }
-    if "peak_memory_bytes" in result:
-        rows["peak memory"] = f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"
-    _finish(result, as_json, _kv_table("qtool tune-e2e", rows))
+    command.__signature__ = inspect.Signature(signature)
+    command.__doc__ = stage.help
+    command.__name__ = stage.name.replace("-", "_")
+    return command
 
 
-@app.command()
-def reorder(
-    model: str = typer.Argument(..., help="A calibrate stage directory."),
-    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
-    clusters: int = typer.Option(32, min=1, help="Channel clusters per norm output (R1, R4) and MLP middle (R5)."),
-    head_clusters: int = typer.Option(4, min=1, help="Channel clusters per KV head, for K (R2) and V (R3)."),
-    seed: int = typer.Option(0, help="KMeans seed."),
-    as_json: bool = JSON,
-):
-    """RPTQ: cluster channels by calibration range, fold the reordering into the weights."""
-    from qtool.stages.reorder import ReorderParams
-    from qtool.stages.reorder import reorder as run
+def _mount_stages() -> None:
+    from qtool.stages import STAGES
 
-    _finish(run(ReorderParams(model, out, clusters=clusters, head_clusters=head_clusters, seed=seed)), as_json)
+    for name, stage in STAGES.items():
+        app.command(name)(_stage_command(stage))
+
+
+_mount_stages()
 
 
 @app.command()
@@ -164,86 +115,6 @@ def memory(
     for r in rows:
         table.add_row(r["spec"], *(f"{r[k] / 2**30:.1f}" for k in ("weight_bytes", "kv_bytes", "total_bytes")))
     _finish({"model": model, "rows": rows}, as_json, table)
-
-
-@app.command("eval")
-def eval_(
-    model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
-    spec: Optional[str] = typer.Option(
-        None,
-        help="Quantization spec, e.g. W4A16-g128, W4A4 (default: the stage's own; W16A16 for a float model). Weights use the stage's learned scales when it has them, RTN otherwise.",
-    ),
-    data: str = typer.Option("wikitext2-test", help="wikitext2-test, wikitext2-valid, or a .txt/.jsonl file."),
-    seqlen: int = typer.Option(2048, min=2, help="Tokens per evaluation window."),
-    windows: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N windows (default: all)."),
-    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    mem_batch: int = typer.Option(1, min=1, help="Batch size for the KV-cache memory accounting."),
-    mem_seqlen: int = typer.Option(2048, min=1, help="Sequence length for the KV-cache memory accounting."),
-    tasks: Optional[str] = typer.Option(
-        None, help="Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,boolq,lambada_openai."
-    ),
-    limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N documents of each task."),
-    task_data: Optional[str] = typer.Option(None, help="Replace bundled task files: TASK=PATH[,TASK=PATH]."),
-    ppl: Optional[bool] = typer.Option(None, "--ppl/--no-ppl", help="Perplexity too (default: only when no --tasks)."),
-    device: str = DEVICE,
-    batch_size: int = BATCH,
-    as_json: bool = JSON,
-):
-    """Perplexity (WikiText-2 protocol), zero-shot accuracy (lm-evaluation-harness 0.4 rules) and
-    weight / KV-cache memory of a model or stage."""
-    from qtool.core.progress import console
-    from qtool.metrics.tasks import results_table
-    from qtool.stages.eval import EvalParams, evaluate
-
-    params = EvalParams(
-        model, spec, data, seqlen, windows, text_field, dtype, mem_batch, mem_seqlen, tasks, limit, task_data, ppl
-    )
-    result = evaluate(params, device, batch_size)
-    mem = result["memory"]
-    rows = {"model": result["model"], "spec": result["spec"]}
-    if result["ppl"] is not None:
-        rows.update({"perplexity": result["ppl"], "windows x seqlen": f"{result['windows']} x {result['seqlen']}"})
-    rows.update(
-        {
-            "weights": f"{mem['weight_bytes'] / 2**20:.1f} MiB ({mem['weight_bits_per_param']:.3f} bits/param in block linears)",
-            f"KV cache (batch {mem['batch']}, {mem['seqlen']} tokens)": f"{mem['kv_bytes'] / 2**20:.1f} MiB",
-            "time": f"{result['seconds']} s on {result['device']}",
-        }
-    )
-    if "tasks" in result:
-        console.print(results_table(result["tasks"], title=f"zero-shot, {result['spec']}"))
-    _finish(result, as_json, _kv_table("qtool eval", rows))
-
-
-@app.command()
-def pack(
-    model: str = typer.Argument(
-        ..., help="A quantized stage (train-blockap, tune-e2e, reorder), or any model with --spec (RTN)."
-    ),
-    out: str = typer.Option(..., "--out", "-o", help="Directory to write."),
-    spec: Optional[str] = typer.Option(
-        None, help="Spec to pack (default: the stage's own), e.g. W4A16-g128, W4A4, W4A4KV4."
-    ),
-    format: str = typer.Option(
-        "qtool", "--format", help="qtool (kernels, `qtool.load`), gptq or compressed-tensors (weight-only exports)."
-    ),
-    dtype: str = typer.Option(
-        "float32", help="dtype of the tensors that stay float (embeddings, norms, head): float32, float16, bfloat16."
-    ),
-    layout: str = typer.Option(
-        "auto",
-        help="Kernel layout: auto (weight-only wherever it holds the width), wonly, u8 (integer tensor cores), planes (bit-plane GEMM).",
-    ),
-    as_json: bool = JSON,
-):
-    """Pack a quantized stage into the kernels' layout (or export GPTQ / compressed-tensors)."""
-    from qtool.stages.pack import PackParams
-    from qtool.stages.pack import pack as run_stage
-
-    result = run_stage(PackParams(model, out, spec=spec, format=format, dtype=dtype, layout=layout))
-    keys = ("out", "spec", "layout", "format", "disk_bytes", "bits_per_weight", "bits_per_weight_gpu", "seconds")
-    _finish(result, as_json, _kv_table("qtool pack", {k: result[k] for k in keys if k in result}))
 
 
 @app.command()
@@ -267,58 +138,6 @@ def generate(
     _finish(result, as_json, _kv_table("qtool generate", rows))
 
 
-@app.command("train-blockap")
-def train_blockap(
-    model: str = typer.Argument(..., help="Model id, model directory or stage directory."),
-    out: str = typer.Option(..., "--out", "-o", help="Stage directory to write."),
-    preset: str = typer.Option("omniquant", help="omniquant, efficientqat or abq."),
-    spec: str = typer.Option("W4A16-g128", help="Target spec, e.g. W4A16-g128, W2A16-g64, W4A4, W2*A8-g128."),
-    data: str = typer.Option("wikitext2-valid", help="wikitext2-valid, wikitext2-test, or a .txt/.jsonl file."),
-    samples: int = typer.Option(128, min=1, help="Number of calibration windows."),
-    seqlen: int = typer.Option(2048, min=2, help="Tokens per calibration window."),
-    seed: int = typer.Option(0, help="Seed of the window sampling and the batch order."),
-    epochs: int = typer.Option(2, min=1, help="Passes over the calibration windows per block."),
-    train_batch: int = typer.Option(1, "--batch-size", min=1, help="Windows per training step (and per forward pass)."),
-    lr_let: Optional[float] = typer.Option(None, help="LET learning rate (preset default)."),
-    lr_lwc: Optional[float] = typer.Option(None, help="Clipping (LWC) learning rate (preset default)."),
-    lr_weight: Optional[float] = typer.Option(None, help="Weight learning rate, efficientqat (preset default)."),
-    lr_qparams: Optional[float] = typer.Option(None, help="Scale/zero learning rate, efficientqat (preset default)."),
-    lr_comp: Optional[float] = typer.Option(None, help="Compensation-vector learning rate, abq (preset default)."),
-    cosine: Optional[bool] = typer.Option(
-        None, "--cosine/--no-cosine", help="Cosine learning-rate schedule (preset default)."
-    ),
-    alpha: float = typer.Option(0.5, help="LET migration strength."),
-    text_field: str = typer.Option("text", help="Field holding the text in a .jsonl file."),
-    device: str = DEVICE,
-    as_json: bool = JSON,
-):
-    """Block-wise training of the quantized model; saves folded weights and learned scales/zeros."""
-    from qtool.stages.train_blockap import BlockAPParams
-    from qtool.stages.train_blockap import train_blockap as run_stage
-
-    params = BlockAPParams(
-        model,
-        out,
-        data=data,
-        samples=samples,
-        seqlen=seqlen,
-        seed=seed,
-        text_field=text_field,
-        preset=preset,
-        spec=spec,
-        epochs=epochs,
-        batch=train_batch,
-        lr_let=lr_let,
-        lr_lwc=lr_lwc,
-        lr_weight=lr_weight,
-        lr_qparams=lr_qparams,
-        lr_comp=lr_comp,
-        cosine=cosine,
-        alpha=alpha,
-    )
-    _finish(run_stage(params, device, train_batch), as_json)
-
-
 @app.command()
 def run(
     recipe: str = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
@@ -335,7 +154,7 @@ def run(
     for step, res in enumerate(results):
         if res.get("ppl") is not None:
             summary = f"ppl {res['ppl']:.3f} ({res['spec']}, {res['windows']} x {res['seqlen']})"
-        elif "tasks" in res:
+        elif res.get("tasks"):
             summary = ", ".join(f"{t} acc {m['acc']:.4f}" for t, m in res["tasks"].items())
         else:
             summary = res.get("out", "")
@@ -343,13 +162,13 @@ def run(
     _finish({"recipe": recipe, "steps": results}, as_json, table)
 
 
-def _mount_subapps() -> None:
+def _mount_bench() -> None:
     from qtool.bench.cli import app as bench_app
 
     app.add_typer(bench_app, name="bench")
 
 
-_mount_subapps()
+_mount_bench()
 
 
 def main() -> None:

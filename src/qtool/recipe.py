@@ -14,13 +14,10 @@ continues where it stopped. Keys are checked against the stage's parameters befo
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import os
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,38 +27,14 @@ from qtool.core.checkpoint import stage_fingerprint
 from qtool.core.errors import QtoolError
 from qtool.core.progress import console
 from qtool.runtime.loader import open_source
-
-
-@dataclass(frozen=True)
-class StepKind:
-    params: type  # the stage's parameter dataclass (fields `model` and maybe `out` are filled in)
-    run: Callable[..., dict]
-    writes_stage: bool
-
-
-def _steps() -> dict[str, StepKind]:
-    from qtool.stages.calibrate import CalibrateParams, calibrate
-    from qtool.stages.eval import EvalParams, evaluate
-    from qtool.stages.pack import PackParams, pack
-    from qtool.stages.reorder import ReorderParams, reorder
-    from qtool.stages.train_blockap import BlockAPParams, train_blockap
-    from qtool.stages.tune_e2e import TuneE2EParams, tune_e2e
-
-    return {
-        "calibrate": StepKind(CalibrateParams, calibrate, True),
-        "reorder": StepKind(ReorderParams, reorder, True),
-        "train-blockap": StepKind(BlockAPParams, train_blockap, True),
-        "tune-e2e": StepKind(TuneE2EParams, tune_e2e, True),
-        "pack": StepKind(PackParams, pack, True),
-        "eval": StepKind(EvalParams, evaluate, False),
-    }
+from qtool.stages import STAGES
+from qtool.stages.base import field_types, parameter_fields, validate
 
 
 @dataclass(frozen=True)
 class Step:
     kind: str
-    options: dict
-    runtime: dict
+    options: dict  # parameter fields of the stage, checked
 
 
 @dataclass(frozen=True)
@@ -71,15 +44,6 @@ class Recipe:
     model: str
     workdir: Path
     steps: list[Step]
-
-
-def _runtime_options(run: Callable) -> dict:
-    """Options of a stage function that do not change its result (batch size, checkpoint period):
-    its keyword parameters besides `params` and `device`."""
-    hints = typing.get_type_hints(run)
-    return {
-        name: hints[name] for name in inspect.signature(run).parameters if name not in ("params", "device", "return")
-    }
 
 
 def _type_ok(value, hint) -> bool:
@@ -102,6 +66,25 @@ def _type_name(hint) -> str:
     )
 
 
+def _check_options(where: str, kind: str, options: dict) -> dict:
+    """The step's options, each a field of the stage's parameters with a value of its type and in its
+    declared range (checked now, before any step runs)."""
+    params_type = STAGES[kind].params
+    hints = field_types(params_type)
+    keys = [f.name for f in parameter_fields(params_type) if f.name != "device"]
+    for key, value in options.items():
+        if key not in keys:
+            raise QtoolError(f"{where}.{kind}: unknown key '{key}' (known: {', '.join(keys)})")
+        if not _type_ok(value, hints[key]):
+            raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+    placeholders = {"model": "", "out": ""} if "out" in hints else {"model": ""}
+    try:
+        validate(params_type(**placeholders, **options))
+    except QtoolError as exc:
+        raise QtoolError(f"{where}.{kind}: {exc}") from None
+    return options
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -122,33 +105,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise QtoolError(f"recipe {path}: missing key '{key}'")
     if not isinstance(raw["steps"], list) or not raw["steps"]:
         raise QtoolError(f"recipe {path}: 'steps' must be a non-empty list")
-    kinds = _steps()
     steps = []
     for index, entry in enumerate(raw["steps"]):
         where = f"recipe {path}: steps[{index}]"
         if not isinstance(entry, dict) or len(entry) != 1:
             raise QtoolError(f"{where} must be a mapping with one stage name, e.g. '- calibrate: {{samples: 128}}'")
         ((kind, options),) = entry.items()
-        if kind not in kinds:
-            raise QtoolError(f"{where}: unknown stage '{kind}' (known: {', '.join(kinds)})")
+        if kind not in STAGES:
+            raise QtoolError(f"{where}: unknown stage '{kind}' (known: {', '.join(STAGES)})")
         options = options or {}
         if not isinstance(options, dict):
             raise QtoolError(f"{where}.{kind} must be a mapping of options")
-        hints = typing.get_type_hints(kinds[kind].params)
-        fields = {
-            f.name: hints[f.name] for f in dataclasses.fields(kinds[kind].params) if f.name not in ("model", "out")
-        }
-        runtime_hints = _runtime_options(kinds[kind].run)
-        params, runtime = {}, {}
-        for key, value in options.items():
-            target, hint = (params, fields.get(key)) if key in fields else (runtime, runtime_hints.get(key))
-            if hint is None:
-                known = ", ".join([*fields, *runtime_hints])
-                raise QtoolError(f"{where}.{kind}: unknown key '{key}' (known: {known})")
-            if not _type_ok(value, hint):
-                raise QtoolError(f"{where}.{kind}.{key}: expected {_type_name(hint)}, got {value!r}")
-            target[key] = value
-        steps.append(Step(kind, params, runtime))
+        steps.append(Step(kind, _check_options(where, kind, options)))
     workdir = Path(raw["workdir"])
     if not workdir.is_absolute():
         workdir = Path.cwd() / workdir
@@ -165,20 +133,19 @@ def _cached_eval(out: Path, fingerprint: str) -> dict | None:
 
 def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
     """Run every step; returns each step's result dict."""
-    kinds = _steps()
     current = recipe.model
     results = []
     recipe.workdir.mkdir(parents=True, exist_ok=True)
     for index, step in enumerate(recipe.steps):
-        kind = kinds[step.kind]
+        stage = STAGES[step.kind]
         console.rule(f"[bold]{recipe.name}: step {index} {step.kind}")
-        if kind.writes_stage:
+        on = {"device": device} if "device" in field_types(stage.params) else {}
+        if stage.writes:
             out = recipe.workdir / f"{index:02d}-{step.kind}"
-            params = kind.params(model=current, out=str(out), **step.options)
-            results.append(kind.run(params, device=device, **step.runtime))
+            results.append(stage(stage.params(model=current, out=str(out), **on, **step.options)).as_dict())
             current = str(out)
             continue
-        params = kind.params(model=current, **step.options)
+        params = stage.params(model=current, **on, **step.options)
         out = recipe.workdir / f"{index:02d}-{step.kind}.json"
         fingerprint = stage_fingerprint(step.kind, params.fingerprint_params(), open_source(current))
         cached = _cached_eval(out, fingerprint)
@@ -186,7 +153,7 @@ def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
             console.print(f"[green]{step.kind}: {out} is complete for these inputs, skipped[/green]")
             results.append({**cached, "stage": step.kind, "skipped": True})
             continue
-        result = {**kind.run(params, device=device, **step.runtime), "stage": step.kind}
+        result = {**stage(params).as_dict(), "stage": step.kind}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2, default=str))
         os.replace(tmp, out)

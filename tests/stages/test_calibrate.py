@@ -38,7 +38,7 @@ def _reference_stats(model_dir, params):
 def test_calibrate_stats_match_whole_model_forward(tiny_dir, tmp_path):
     params = CalibrateParams(str(tiny_dir), str(tmp_path / "cal"), samples=3, seqlen=32, seed=7)
     result = calibrate(params, device="cpu")
-    assert result["blocks"] == 3 and result["tokens"] == 96
+    assert result.blocks == 3 and result.tokens == 96
     stage = open_stage(tmp_path / "cal")
     assert stage.name == "calibrate" and stage.manifest["params"]["seed"] == 7
     stats = stage.tensors("calibrate")
@@ -47,7 +47,7 @@ def test_calibrate_stats_match_whole_model_forward(tiny_dir, tmp_path):
     for key in ref:
         assert torch.allclose(stats[key], ref[key], atol=1e-5), key
     # same inputs and parameters: the stage is found complete and skipped
-    assert calibrate(params, device="cpu")["skipped"]
+    assert calibrate(params, device="cpu").skipped
 
 
 def test_calibrate_resumes_after_a_crash(tiny_dir, tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ def test_perplexity_matches_plain_transformers_loop(smollm2_dir):
             logp = torch.log_softmax(model(window).logits.double(), -1)
         total -= logp[0, :-1].gather(1, window[0, 1:, None]).sum().item()
         count += 127
-    assert result["windows"] == 3 and result["seqlen"] == 128 and result["spec"] == "W16A16"
-    assert math.isclose(result["ppl"], math.exp(total / count), rel_tol=1e-5)
+    assert result.windows == 3 and result.seqlen == 128 and result.spec == "W16A16"
+    assert math.isclose(result.ppl, math.exp(total / count), rel_tol=1e-5)
 
 
 def test_rtn_eval_equals_manual_fake_quantization(tiny_dir):
@@ -45,5 +45,5 @@ def test_rtn_eval_equals_manual_fake_quantization(tiny_dir):
                 lin.weight.copy_(((q - z) * s).reshape_as(lin.weight).float())
     windows = eval_windows(token_ids(tok, read_text("wikitext2-test")), 32, 2)
     expected = perplexity(window_nlls(model, windows, torch.device("cpu")))
-    assert math.isclose(result["ppl"], expected, rel_tol=1e-5)
-    assert result["memory"]["weight_bits_per_param"] > 4
+    assert math.isclose(result.ppl, expected, rel_tol=1e-5)
+    assert result.memory["weight_bits_per_param"] > 4

@@ -64,7 +64,7 @@ def test_packed_model_equals_fake_quantized_stage_exactly(tiny_dir, tmp_path, sp
     packed = load_packed(tmp_path / "p")
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     assert torch.equal(_logits(packed, ids), _logits(_fake_quant(tiny_dir, spec), ids))
-    assert result["layout"] == (layout if layout != "auto" else "planes" if spec.startswith("W6") else "wonly")
+    assert result.layout == (layout if layout != "auto" else "planes" if spec.startswith("W6") else "wonly")
     # the packed codes are the stage's codes
     float_model, _ = load(open_source(str(tiny_dir)))
     q = float_model.model.layers[1].mlp.down_proj.weight
@@ -105,8 +105,8 @@ def test_eval_of_packed_checkpoint_equals_stage_eval(tiny_dir, tmp_path):
     common = dict(data="wikitext2-valid", seqlen=64, windows=2)
     stage = evaluate(EvalParams(str(tiny_dir), spec="W4A4KV4", **common), device="cpu")
     packed = evaluate(EvalParams(str(tmp_path / "p"), **common), device="cpu")
-    assert packed["ppl"] == stage["ppl"] and packed["spec"] == "W4A4KV4"
-    assert packed["packed_bytes"]["linear_bytes"] > 0
+    assert packed.ppl == stage.ppl and packed.spec == "W4A4KV4"
+    assert packed.packed_bytes["linear_bytes"] > 0
     with pytest.raises(QtoolError, match="drop --spec"):
         evaluate(EvalParams(str(tmp_path / "p"), spec="W4A16", **common), device="cpu")
 
@@ -119,7 +119,7 @@ def test_fp16_eval_of_packed_checkpoint_equals_stage_eval(tiny_dir, tmp_path, sp
     common = {"data": "wikitext2-valid", "seqlen": 64, "windows": 2, "dtype": "float16"}
     stage = evaluate(EvalParams(str(tiny_dir), spec=spec, **common), device="cpu")
     packed = evaluate(EvalParams(str(tmp_path / "p"), **common), device="cpu")
-    assert packed["ppl"] == stage["ppl"]
+    assert packed.ppl == stage.ppl
 
 
 def test_pack_dtype_casts_only_the_float_tensors(tiny_dir, tmp_path):
@@ -175,13 +175,13 @@ def test_pack_reports_true_bits_per_weight(tiny_dir, tmp_path):
     result = pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W4A16-g32"))
     # tiny llama: 3 blocks of q,o [64,64], k,v [32,64], gate,up [96,64], down [64,96]
     n_params = 3 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 96 * 64)
-    assert result["linear_params"] == n_params
+    assert result.linear_params == n_params
     # stored: 4-bit codes (K padded to the GEMV's 128-code blocks), fp32 scale + u8 zero per 32 weights
     padded = 3 * (2 * 64 * 128 + 2 * 32 * 128 + 2 * 96 * 128 + 64 * 128)
     groups = n_params // 32
-    assert result["linear_bytes"] == padded // 2 + 5 * groups
+    assert result.linear_bytes == padded // 2 + 5 * groups
     # on the GPU: fp16 scale + u8 zero per group
-    assert result["bits_per_weight_gpu"] == pytest.approx(8 * (padded // 2 + 3 * groups) / n_params)
+    assert result.bits_per_weight_gpu == pytest.approx(8 * (padded // 2 + 3 * groups) / n_params)
     manifest = open_stage(tmp_path / "p").manifest
     assert manifest["stage"] == "pack" and manifest["spec"] == "W4A16-g32"
     assert not list((tmp_path / "p").glob("qtool-*.safetensors"))  # float weights and stage tensors left behind
@@ -215,7 +215,7 @@ def test_bad_inputs(tiny_dir, tmp_path):
     with pytest.raises(QtoolError, match="per-tensor"):
         pack(PackParams(str(tiny_dir), str(tmp_path / "a"), spec="W4A8-tensor"))
     for spec, layout, match in [
-        ("W4A8", "nibbles", "unknown layout"),
+        ("W4A8", "nibbles", "unknown --layout"),
         ("W4A16", "u8", "needs an activation spec"),
         ("W6A8", "u8", "at most 4 bits"),
         ("W6A8", "wonly", "holds"),
@@ -242,7 +242,7 @@ def test_bad_inputs(tiny_dir, tmp_path):
 def test_exports_hold_the_stage_weights(tiny_dir, tmp_path, fmt):
     spec = "W4A16-g32-sym" if fmt == "compressed-tensors" else "W4A16-g32"
     result = pack(PackParams(str(tiny_dir), str(tmp_path / "e"), spec=spec, format=fmt))
-    assert result["format"] == fmt
+    assert result.format == fmt
     config = json.loads((tmp_path / "e" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == fmt and (config.get("bits") or 4) == 4
     tensors = load_file(tmp_path / "e" / "model.safetensors")
@@ -375,4 +375,4 @@ def test_fp32_eval_of_packed_checkpoint_on_the_gpu_equals_the_stage(tiny_dir, tm
     common = dict(data="wikitext2-valid", seqlen=64, windows=4)
     stage = evaluate(EvalParams(str(tiny_dir), spec=spec, **common), device="cuda")
     packed = evaluate(EvalParams(str(tmp_path / "p"), **common), device="cuda")
-    assert packed["ppl"] == pytest.approx(stage["ppl"], rel=1e-6)
+    assert packed.ppl == pytest.approx(stage.ppl, rel=1e-6)

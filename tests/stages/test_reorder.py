@@ -165,7 +165,7 @@ def test_reorder_stage_round_trip(reorder_stage):
     assert bounds["layers.2.self_attn.o_proj.input"][-1] == 64
     for spec in ("W4A4KV4-cluster", "W4A16KV4-cluster", "W4A8-cluster-dynamic"):
         result = evaluate(EvalParams(str(out), spec=spec, seqlen=32, windows=1), device="cpu")
-        assert result["spec"] == spec and result["ppl"] > 1
+        assert result.spec == spec and result.ppl > 1
 
 
 def test_bad_inputs_are_one_line_errors(reorder_stage, tmp_path):

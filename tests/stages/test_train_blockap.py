@@ -168,6 +168,6 @@ def test_stage_writes_weights_qparams_and_spec(tmp_path, tiny_dir):
     codes = tensors[layer_key(0, "self_attn.q_proj", "codes")]
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 4  # W2*: 5 levels
     result = evaluate(EvalParams(str(out), seqlen=16, windows=2), device="cpu")
-    assert result["spec"] == "W2*A8-g32" and result["ppl"] > 0
+    assert result.spec == "W2*A8-g32" and result.ppl > 0
     with pytest.raises(QtoolError, match="holds W2\\*A8-g32 weights"):
         evaluate(EvalParams(str(out), spec="W4A16-g32", seqlen=16, windows=2), device="cpu")

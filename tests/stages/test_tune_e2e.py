@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import qtool.stages.tune_e2e as te
+import qtool.stages.base as base
 from qtool.core.checkpoint import BlockJournal, open_stage
 from qtool.core.errors import QtoolError
 from qtool.core.spec import parse_spec
@@ -22,8 +22,8 @@ def _params(tiny_dir, out, **kw):
 def test_only_step_sizes_change_and_codes_are_bit_identical(tiny_dir, tmp_path):
     result = tune_e2e(_params(tiny_dir, tmp_path / "e2e"), device="cpu")
     assert (
-        result["steps"] == 4
-        and result["trainable_params"]
+        result.steps == 4
+        and result.trainable_params
         == sum(n * -(-k // 32) for n, k in [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)]) * 3
     )
     original = load_model(tiny_dir)
@@ -60,11 +60,11 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
             if DiesAfterTwoSaves.saves == 2:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(te, "BlockJournal", DiesAfterTwoSaves)
+    monkeypatch.setattr(base, "BlockJournal", DiesAfterTwoSaves)
     with pytest.raises(KeyboardInterrupt):
         tune_e2e(_params(tiny_dir, tmp_path / "resumed"), device="cpu", save_every=1)
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(te, "BlockJournal", BlockJournal)
+    monkeypatch.setattr(base, "BlockJournal", BlockJournal)
     tune_e2e(_params(tiny_dir, tmp_path / "resumed"), device="cpu", save_every=1)
     full, resumed = stage_qparams(open_stage(tmp_path / "full")), stage_qparams(open_stage(tmp_path / "resumed"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)

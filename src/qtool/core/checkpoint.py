@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,7 +92,7 @@ def model_fingerprint(path: Path) -> str:
 
 
 @dataclass
-class Stage:
+class StageDir:
     """A model directory, with its manifest when it is a qtool stage."""
 
     path: Path
@@ -135,10 +135,10 @@ class Stage:
             )
 
 
-def open_stage(path: Path) -> Stage:
+def open_stage(path: Path) -> StageDir:
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
-        return Stage(path)
+        return StageDir(path)
     try:
         manifest = json.loads(manifest_path.read_text())
         manifest["stage"], manifest["fingerprint"], manifest["history"]
@@ -148,33 +148,10 @@ def open_stage(path: Path) -> Stage:
         raise QtoolError(
             f"{path} was written by an incompatible qtool (format {manifest.get('format')}, need {FORMAT}); re-create it"
         )
-    return Stage(path, manifest)
+    return StageDir(path, manifest)
 
 
-@dataclass(frozen=True)
-class StageParams:
-    """What every stage is given: its input and its output directory. Every other field is a
-    parameter of the result and goes into the fingerprint."""
-
-    model: str
-    out: str
-
-    def fingerprint_params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("model", "out")}
-
-
-@dataclass(frozen=True)
-class TextStageParams(StageParams):
-    """A stage that samples `samples` windows of `seqlen` tokens (seed `seed`) from `data`."""
-
-    data: str = "wikitext2-valid"
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    text_field: str = "text"
-
-
-def stage_fingerprint(stage: str, params: dict, parent: Stage) -> str:
+def stage_fingerprint(stage: str, params: dict, parent: StageDir) -> str:
     return _digest({"stage": stage, "params": params, "parent": parent.fingerprint, "format": FORMAT})
 
 
@@ -204,7 +181,7 @@ class StageWriter:
     out: Path
     stage: str
     params: dict
-    parent: Stage
+    parent: StageDir
     spec: str | None = None
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -249,7 +226,7 @@ class StageWriter:
             path.unlink()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
-    def commit(self) -> Stage:
+    def commit(self) -> StageDir:
         history = list(self.parent.manifest["history"]) if self.parent.manifest else []
         entry = {"stage": self.stage, "params": self.params, "spec": self.spec, "fingerprint": self.fingerprint}
         manifest = {
@@ -271,7 +248,7 @@ class StageWriter:
             os.replace(self.out, trash)
         os.replace(self.tmp, self.out)
         shutil.rmtree(trash, ignore_errors=True)
-        return Stage(self.out, manifest)
+        return StageDir(self.out, manifest)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

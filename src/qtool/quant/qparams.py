@@ -13,16 +13,30 @@ from functools import partial
 
 import torch
 
-from qtool.core.checkpoint import Stage, layer_key
+from qtool.core.checkpoint import StageDir, layer_key
 from qtool.core.quantizer import quantize_weight
-from qtool.core.spec import QuantSpec
+from qtool.core.errors import QtoolError
+from qtool.core.spec import QuantSpec, parse_spec, same_weight_format
 from qtool.models.adapters import Adapter
 
 QPARAMS = "qparams"
 
 
-def stage_qparams(stage: Stage) -> dict[str, torch.Tensor] | None:
+def stage_qparams(stage: StageDir) -> dict[str, torch.Tensor] | None:
     return stage.tensors(QPARAMS) if stage.has_tensors(QPARAMS) else None
+
+
+def learned_qparams(stage: StageDir, spec: QuantSpec) -> dict[str, torch.Tensor] | None:
+    """The stage's learned weight parameters for `spec` (None when it has none), or a one-line
+    error when they were learned for another weight format: a spec may change the activation and
+    KV parts of a quantized stage, never its weights."""
+    stored = stage_qparams(stage)
+    if stored is not None and stage.spec and not same_weight_format(spec, parse_spec(stage.spec)):
+        raise QtoolError(
+            f"{stage.path} holds {stage.spec} weights, not {spec.name}; a --spec must keep that weight part "
+            "(activations and KV may change), or drop --spec to use the stage's own"
+        )
+    return stored
 
 
 @torch.no_grad()

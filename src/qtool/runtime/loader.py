@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from qtool.core.checkpoint import Stage, check_model_files, open_stage
+from qtool.core.checkpoint import StageDir, check_model_files, open_stage
 from qtool.models.adapters import adapter_for
 from qtool.models.loading import load_model, load_tokenizer, resolve_model
 from qtool.runtime.gathers import install_gathers
 from qtool.runtime.packed_model import load_packed, read_quantization_config
 
 
-def open_source(ref: str) -> Stage:
+def open_source(ref: str) -> StageDir:
     """Resolve a model reference to a checked model or stage directory."""
     path = resolve_model(ref)
     stage = open_stage(path)
@@ -19,7 +19,7 @@ def open_source(ref: str) -> Stage:
     return stage
 
 
-def load(stage: Stage, dtype: torch.dtype = torch.float32):
+def load(stage: StageDir, dtype: torch.dtype = torch.float32):
     """(model on CPU, tokenizer) of a model or stage directory. A reordered stage (RPTQ) gets its
     norms' output gathers back: they are part of the model but not of the transformers weights.
     A packed checkpoint (`qtool pack`) loads with its packed linears."""

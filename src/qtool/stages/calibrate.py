@@ -7,66 +7,62 @@ and value projections also of each output channel. Reorder (RPTQ), LET initialis
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from qtool.core.checkpoint import BlockJournal, StageWriter, TextStageParams
-from qtool.core.devices import pick_device
-from qtool.core.progress import console, progress
-from qtool.models.adapters import adapter_for
+from qtool.core.progress import progress
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.stats import block_stats
-from qtool.runtime.loader import load, open_source
-from qtool.stages.base import fingerprint_or_skip, training_windows
+from qtool.stages.base import BATCH_HELP, Run, Stage, StageResult, TextStageParams, param
 
 
 @dataclass(frozen=True)
 class CalibrateParams(TextStageParams):
     """Calibration needs only its text windows."""
 
+    batch_size: int = param(1, BATCH_HELP, min=1, result=False)
 
-@torch.no_grad()
-def calibrate(params: CalibrateParams, device: str = "auto", batch_size: int = 1) -> dict:
-    """Run the stage (or find it already complete) and return its summary."""
-    source = open_source(params.model)
-    out = Path(params.out)
-    fingerprint, skipped = fingerprint_or_skip("calibrate", params, source)
-    if skipped:
-        return skipped
-    dev = pick_device(device)
-    t0 = time.time()
-    model, tokenizer = load(source)
-    adapter = adapter_for(model.config)
-    windows = training_windows(tokenizer, params)
-    hidden, kwargs = capture_block_inputs(model, adapter, windows, dev)
-    journal = BlockJournal(out, fingerprint)
-    stats: dict[str, torch.Tensor] = {}
-    n_blocks = len(adapter.layers(model))
-    with progress() as bar, StageWriter(out, "calibrate", params.fingerprint_params(), source) as writer:
-        task = bar.add_task("calibrate", total=n_blocks, info="")
-        for index, block in iterate_blocks(model, adapter, dev):
-            done = journal.load(index)
-            if done is None:
-                done, hidden = block_stats(block, adapter, index, hidden, kwargs, batch_size)
-                journal.save(index, done)
-            else:
-                hidden = run_block(block, hidden, kwargs, batch_size)
-            stats.update(done)
-            bar.update(task, advance=1, info=f"block {index + 1}/{n_blocks}")
-        writer.save_tensors("calibrate", stats)
-        writer.timings["calibrate_s"] = round(time.time() - t0, 3)
-        writer.metrics.update(tokens=int(windows.numel()), blocks=n_blocks)
-        writer.commit()
-    journal.remove()
-    console.print(f"calibrate: {params.samples} x {params.seqlen} tokens, {n_blocks} blocks -> {out}")
-    return {
-        "stage": "calibrate",
-        "out": str(out),
-        "skipped": False,
-        "tokens": int(windows.numel()),
-        "blocks": n_blocks,
-        "seconds": round(time.time() - t0, 2),
-    }
+
+@dataclass(kw_only=True)
+class CalibrateResult(StageResult):
+    tokens: int
+    blocks: int
+
+    def summary(self) -> str:
+        return f"calibrate: {self.tokens} tokens, {self.blocks} blocks -> {self.out}"
+
+
+class Calibrate(Stage):
+    name = "calibrate"
+    params = CalibrateParams
+    help = "Per-channel activation statistics (min, max, absmax) at every linear input and q/k/v output."
+
+    @torch.no_grad()
+    def work(self, run: Run) -> CalibrateResult:
+        dev = run.device()
+        model, tokenizer, adapter = run.load()
+        windows = run.windows(tokenizer)
+        hidden, kwargs = capture_block_inputs(model, adapter, windows, dev)
+        journal = run.journal()
+        stats: dict[str, torch.Tensor] = {}
+        n_blocks = len(adapter.layers(model))
+        with progress() as bar, run.writer() as writer:
+            task = bar.add_task("calibrate", total=n_blocks, info="")
+            for index, block in iterate_blocks(model, adapter, dev):
+                done = journal.load(index)
+                if done is None:
+                    done, hidden = block_stats(block, adapter, index, hidden, kwargs, run.params.batch_size)
+                    journal.save(index, done)
+                else:
+                    hidden = run_block(block, hidden, kwargs, run.params.batch_size)
+                stats.update(done)
+                bar.update(task, advance=1, info=f"block {index + 1}/{n_blocks}")
+            writer.save_tensors("calibrate", stats)
+            run.commit(writer, tokens=int(windows.numel()), blocks=n_blocks)
+        return CalibrateResult(
+            stage=self.name, out=str(run.out), tokens=int(windows.numel()), blocks=n_blocks, seconds=run.seconds()
+        )
+
+
+calibrate = Calibrate()

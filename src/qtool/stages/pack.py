@@ -9,139 +9,133 @@ stage), then written in the layout of the kernel that runs them. `--format gptq`
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from qtool.core.checkpoint import StageParams, StageWriter
-from qtool.core.devices import cast_parameters, pick_dtype
+from qtool.core.devices import DTYPES, cast_parameters, pick_dtype
 from qtool.core.errors import QtoolError
-from qtool.core.progress import console
-from qtool.core.spec import parse_spec, same_weight_format
-from qtool.models.adapters import adapter_for
-from qtool.quant.qparams import stage_qparams
+from qtool.core.spec import parse_spec
+from qtool.quant.qparams import learned_qparams
 from qtool.quant.rptq import cluster_bounds
-from qtool.runtime.loader import load, open_source
-from qtool.runtime.packed_linear import PackedLinear
-from qtool.runtime.packed_model import (
-    WEIGHTS,
-    pack_model,
-    read_quantization_config,
-    save_packed,
-)
-from qtool.stages.base import fingerprint_or_skip
+from qtool.runtime.packed_linear import LAYOUTS, PackedLinear
+from qtool.runtime.packed_model import WEIGHTS, pack_model, read_quantization_config, save_packed
+from qtool.stages.base import Run, Stage, StageParams, StageResult, param
 
 FORMATS = ("qtool", "gptq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
 class PackParams(StageParams):
-    spec: str | None = None  # None: the stage's own spec
-    format: str = "qtool"
-    dtype: str = "float32"  # of the tensors that stay float (embeddings, norms, head)
-    layout: str = "auto"  # kernel layout (runtime.packed_linear.choose_layout)
-
-
-def _prepared(params: PackParams, source):
-    """(spec, model with its stage's weights, adapter, qparams, clusters), as eval sees them."""
-    if read_quantization_config(source.path) is not None:
-        raise QtoolError(f"{source.path} is already packed; pack the stage it came from")
-    if not source.spec and not params.spec:
-        raise QtoolError(
-            f"{source.path} is not quantized: pass --spec (e.g. W4A16-g128) to pack it with RTN, or pack a quantized stage"
-        )
-    spec = parse_spec(params.spec or source.spec)
-    qparams = stage_qparams(source)
-    if qparams is not None and source.spec and not same_weight_format(spec, parse_spec(source.spec)):
-        raise QtoolError(
-            f"{source.path} holds {source.spec} weights; a --spec must keep that weight part (activations and KV may change)"
-        )
-    model, _ = load(source)  # fp32: block linears are quantized from the stored weights, whatever --dtype says
-    adapter = adapter_for(model.config)
-    linears = [linear.weight for block in adapter.layers(model) for linear in adapter.linears(block).values()]
-    cast_parameters(model, pick_dtype(params.dtype), keep=linears)
-    clusters = (
-        cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
+    spec: str | None = param(
+        None, "Spec to pack (default: the stage's own), e.g. W4A16-g128, W4A4, W4A4KV4.", check=parse_spec
     )
-    return spec, model, adapter, qparams, clusters
-
-
-def _writer(params: PackParams, source, spec) -> StageWriter:
-    """A stage writer that takes only the parent's config and tokenizer: the packed file replaces
-    the float weights and every stage tensor."""
-    return StageWriter(
-        Path(params.out), "pack", params.fingerprint_params(), source, spec=spec.name, inherit_tensors=False
+    format: str = param(
+        "qtool",
+        "qtool (kernels, `qtool.load`), gptq or compressed-tensors (weight-only exports).",
+        choices=FORMATS,
+    )
+    dtype: str = param(
+        "float32", "dtype of the tensors that stay float (embeddings, norms, head).", choices=tuple(DTYPES)
+    )
+    layout: str = param(
+        "auto",
+        "Kernel layout: auto (the kernel chooser's), wonly, u8 (integer tensor cores), planes (bit-plane GEMM).",
+        choices=("auto", *LAYOUTS),
     )
 
 
-def _export(params: PackParams, source, spec, model, adapter, qparams, clusters, t0: float) -> dict:
-    """Weight-only GPTQ or compressed-tensors checkpoint, loadable by transformers and vLLM."""
+@dataclass(kw_only=True)
+class PackResult(StageResult):
+    spec: str
+    format: str
+    layout: str | None  # None for the weight-only exports
+    disk_bytes: int
+    linear_params: int | None = None
+    linear_bytes: int | None = None
+    bits_per_weight: float | None = None
+    bits_per_weight_gpu: float | None = None
+
+    def summary(self) -> str:
+        line = f"pack: {self.spec} as {self.format}"
+        line += f" ({self.layout})" if self.layout else ""
+        line += f" -> {self.out}: {self.disk_bytes / 2**20:.1f} MiB on disk"
+        if self.bits_per_weight is not None:
+            line += f", {self.bits_per_weight:.3f} bits/weight stored, {self.bits_per_weight_gpu:.3f} on the GPU"
+        return line
+
+    def rows(self) -> dict:
+        keys = ("out", "spec", "layout", "format", "disk_bytes", "bits_per_weight", "bits_per_weight_gpu", "seconds")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class Pack(Stage):
+    """Packing is cheap CPU work (rounding and bit shuffles): no device."""
+
+    name = "pack"
+    params = PackParams
+    help = "Pack a quantized stage into the kernels' layout (or export GPTQ / compressed-tensors)."
+    model_help = "A quantized stage (train-blockap, tune-e2e, reorder), or any model with --spec (RTN)."
+
+    def check(self, params: PackParams, source) -> None:
+        if read_quantization_config(source.path) is not None:
+            raise QtoolError(f"{source.path} is already packed; pack the stage it came from")
+        if not source.spec and not params.spec:
+            raise QtoolError(
+                f"{source.path} is not quantized: pass --spec (e.g. W4A16-g128) to pack it with RTN, "
+                "or pack a quantized stage"
+            )
+        if params.format != "qtool" and source.has_tensors("reorder"):
+            raise QtoolError(
+                f"{source.path} is RPTQ-reordered; its norm gathers exist only in qtool's format: use --format qtool"
+            )
+        learned_qparams(source, parse_spec(params.spec or source.spec))
+
+    def work(self, run: Run) -> PackResult:
+        p, source = run.params, run.source
+        spec = parse_spec(p.spec or source.spec)
+        qparams = learned_qparams(source, spec)
+        model, _, adapter = run.load()  # fp32: block linears are quantized from the stored weights
+        linears = [linear.weight for block in adapter.layers(model) for linear in adapter.linears(block).values()]
+        cast_parameters(model, pick_dtype(p.dtype), keep=linears)
+        clusters = (
+            cluster_bounds(source.tensors("reorder"), adapter, model.config) if source.has_tensors("reorder") else None
+        )
+        # the packed file replaces the float weights and every stage tensor: only config and tokenizer inherited
+        with run.writer(spec=spec.name, inherit_tensors=False) as writer:
+            if p.format == "qtool":
+                layout = pack_model(model, adapter, spec, qparams, clusters, p.layout)
+                save_packed(model, writer.tmp, spec, layout)
+                summary = pack_summary(model, writer.tmp)
+            else:
+                layout = None
+                summary = {"disk_bytes": _export(p, spec, model, adapter, qparams, writer.tmp)}
+            run.commit(writer, **summary)
+        return PackResult(
+            stage=self.name,
+            out=str(run.out),
+            spec=spec.name,
+            format=p.format,
+            layout=layout,
+            **summary,
+            seconds=run.seconds(),
+        )
+
+
+def _export(params: PackParams, spec, model, adapter, qparams, directory: Path) -> int:
+    """Weight-only GPTQ or compressed-tensors checkpoint, loadable by transformers and vLLM; its
+    size on disk."""
     from qtool.runtime.exports import export_tensors
 
-    if clusters is not None:
-        raise QtoolError(
-            f"{source.path} is RPTQ-reordered; its norm gathers exist only in qtool's format: use --format qtool"
-        )
     tensors, qconfig = export_tensors(model, adapter, spec, qparams, params.format)
-    with _writer(params, source, spec) as writer:
-        save_file(tensors, writer.tmp / WEIGHTS, metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = qconfig
-        (writer.tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if params.format == "gptq":
-            (writer.tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
-        writer.metrics["disk_bytes"] = sum(f.stat().st_size for f in writer.tmp.iterdir() if f.is_file())
-        writer.commit()
-    console.print(
-        f"pack: {spec.name} as {params.format} -> {params.out}: {writer.metrics['disk_bytes'] / 2**20:.1f} MiB on disk"
-    )
-    return {
-        "stage": "pack",
-        "out": str(params.out),
-        "skipped": False,
-        "spec": spec.name,
-        "format": params.format,
-        "disk_bytes": writer.metrics["disk_bytes"],
-        "seconds": round(time.time() - t0, 2),
-    }
-
-
-def pack(params: PackParams, device: str = "auto") -> dict:
-    """Write the packed checkpoint (or find it complete) and return its summary. Packing is cheap
-    CPU work (rounding and bit shuffles), so `device` is not used."""
-    if params.format not in FORMATS:
-        raise QtoolError(f"unknown --format {params.format!r}: use one of {', '.join(FORMATS)}")
-    pick_dtype(params.dtype)
-    source = open_source(params.model)
-    fingerprint, skipped = fingerprint_or_skip("pack", params, source)
-    if skipped:
-        return skipped
-    t0 = time.time()
-    spec, model, adapter, qparams, clusters = _prepared(params, source)
-    if params.format != "qtool":
-        return _export(params, source, spec, model, adapter, qparams, clusters, t0)
-    layout = pack_model(model, adapter, spec, qparams, clusters, params.layout)
-    with _writer(params, source, spec) as writer:
-        save_packed(model, writer.tmp, spec, layout)
-        summary = pack_summary(model, writer.tmp)
-        writer.metrics.update(summary)
-        writer.timings["pack_s"] = round(time.time() - t0, 3)
-        writer.commit()
-    console.print(
-        f"pack: {spec.name} ({layout}) -> {params.out}: {summary['disk_bytes'] / 2**20:.1f} MiB on disk, "
-        f"{summary['bits_per_weight']:.3f} bits/weight stored, {summary['bits_per_weight_gpu']:.3f} on the GPU"
-    )
-    return {
-        "stage": "pack",
-        "out": str(params.out),
-        "skipped": False,
-        "spec": spec.name,
-        "layout": layout,
-        **summary,
-        "seconds": round(time.time() - t0, 2),
-    }
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    if params.format == "gptq":
+        (directory / "quantize_config.json").write_text(json.dumps(qconfig, indent=2))
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
 
 
 def pack_summary(model, directory: Path) -> dict:
@@ -159,3 +153,6 @@ def pack_summary(model, directory: Path) -> dict:
         "bits_per_weight": 8 * stored / params,
         "bits_per_weight_gpu": 8 * gpu / params,
     }
+
+
+pack = Pack()

@@ -14,92 +14,92 @@ weights have the permutations folded in. It holds:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from qtool.core.checkpoint import StageParams, StageWriter
+from qtool.core.checkpoint import StageDir, layer_key
 from qtool.core.errors import QtoolError
-from qtool.core.progress import console
-from qtool.models.adapters import adapter_for
-from qtool.quant.rptq import (
-    ROPE_FREE,
-    check_stats,
-    fold_block,
-    permute_stats,
-    plan_block,
-)
+from qtool.quant.rptq import ROPE_FREE, check_stats, fold_block, permute_stats, plan_block
 from qtool.runtime.gathers import install_gathers
-from qtool.runtime.loader import load, open_source
-from qtool.stages.base import fingerprint_or_skip
+from qtool.stages.base import Run, Stage, StageParams, StageResult, param
 
 
 @dataclass(frozen=True)
 class ReorderParams(StageParams):
-    clusters: int = 32  # per norm output (R1, R4) and MLP middle (R5)
-    head_clusters: int = 4  # per KV head, for K (R2) and V (R3)
-    seed: int = 0
+    clusters: int = param(32, "Channel clusters per norm output (R1, R4) and MLP middle (R5).", min=1)
+    head_clusters: int = param(4, "Channel clusters per KV head, for K (R2) and V (R3).", min=1)
+    seed: int = param(0, "KMeans seed.")
+
+
+@dataclass(kw_only=True)
+class ReorderResult(StageResult):
+    blocks: int
+    clusters: int
+    head_clusters: int
+
+    def summary(self) -> str:
+        return (
+            f"reorder: {self.blocks} blocks, {self.clusters} clusters per site, "
+            f"{self.head_clusters} per KV head -> {self.out}"
+        )
 
 
 @torch.no_grad()
 def reorder_model(model, adapter, stats, clusters: int, head_clusters: int, seed: int = 0) -> tuple[dict, dict]:
     """Reorder `model` in place (weights folded, norm gathers installed); returns (stage tensors,
     permuted statistics)."""
-    if clusters < 1 or head_clusters < 1:
-        raise QtoolError(
-            f"cluster counts must be at least 1, got --clusters {clusters} --head-clusters {head_clusters}"
-        )
     check_stats(stats, model, adapter)
     tensors = {}
     for i, block in enumerate(adapter.layers(model)):
         plan = plan_block(stats, adapter, model.config, i, clusters, head_clusters, seed)
         fold_block(block, adapter, model.config, {site: perm for site, (perm, _) in plan.items()})
         for site, (perm, bounds) in plan.items():
-            tensors[f"layers.{i}.{site}.perm"] = perm
-            tensors[f"layers.{i}.{site}.inverse"] = torch.argsort(perm)
-            tensors[f"layers.{i}.{site}.bounds"] = bounds
+            tensors[layer_key(i, site, "perm")] = perm
+            tensors[layer_key(i, site, "inverse")] = torch.argsort(perm)
+            tensors[layer_key(i, site, "bounds")] = bounds
     install_gathers(model, adapter, tensors)
     return tensors, permute_stats(stats, tensors, adapter, model.config, len(adapter.layers(model)))
 
 
-def reorder(params: ReorderParams, device: str = "auto") -> dict:
-    """Run the stage (or find it already complete) and return its summary. Reordering is cheap
-    CPU work (KMeans on per-channel ranges, index copies), so `device` is not used."""
-    source = open_source(params.model)
-    source.require("calibrate", "reorder")
-    if "reorder" in source.stages:
-        raise QtoolError(f"{source.path} is already reordered; reorder its calibrate stage instead")
-    out = Path(params.out)
-    fingerprint, skipped = fingerprint_or_skip("reorder", params, source)
-    if skipped:
-        return skipped
-    t0 = time.time()
-    model, tokenizer = load(source)
-    adapter = adapter_for(model.config)
-    tensors, stats = reorder_model(
-        model, adapter, source.tensors("calibrate"), params.clusters, params.head_clusters, params.seed
-    )
-    with StageWriter(out, "reorder", params.fingerprint_params(), source) as writer:
-        writer.save_model(model, tokenizer)
-        writer.save_tensors("reorder", tensors)
-        writer.save_tensors("calibrate", stats)
-        writer.timings["reorder_s"] = round(time.time() - t0, 3)
-        writer.metrics.update(
-            clusters=params.clusters,
-            head_clusters=params.head_clusters,
-            k_identity_for_rope=adapter.family not in ROPE_FREE,
+class Reorder(Stage):
+    """Reordering is cheap CPU work (KMeans on per-channel ranges, index copies): no device."""
+
+    name = "reorder"
+    params = ReorderParams
+    help = "RPTQ: cluster channels by calibration range, fold the reordering into the weights."
+    model_help = "A calibrate stage directory."
+
+    def check(self, params: ReorderParams, source: StageDir) -> None:
+        source.require("calibrate", "reorder")
+        if "reorder" in source.stages:
+            raise QtoolError(f"{source.path} is already reordered; reorder its calibrate stage instead")
+
+    def work(self, run: Run) -> ReorderResult:
+        p = run.params
+        model, tokenizer, adapter = run.load()
+        tensors, stats = reorder_model(
+            model, adapter, run.source.tensors("calibrate"), p.clusters, p.head_clusters, p.seed
         )
-        writer.commit()
-    blocks = len(adapter.layers(model))
-    console.print(
-        f"reorder: {blocks} blocks, {params.clusters} clusters per site, {params.head_clusters} per KV head -> {out}"
-    )
-    return {
-        "stage": "reorder",
-        "out": str(out),
-        "skipped": False,
-        "blocks": blocks,
-        "seconds": round(time.time() - t0, 2),
-    }
+        with run.writer() as writer:
+            writer.save_model(model, tokenizer)
+            writer.save_tensors("reorder", tensors)
+            writer.save_tensors("calibrate", stats)
+            run.commit(
+                writer,
+                clusters=p.clusters,
+                head_clusters=p.head_clusters,
+                k_identity_for_rope=adapter.family not in ROPE_FREE,
+            )
+        blocks = len(adapter.layers(model))
+        return ReorderResult(
+            stage=self.name,
+            out=str(run.out),
+            blocks=blocks,
+            clusters=p.clusters,
+            head_clusters=p.head_clusters,
+            seconds=run.seconds(),
+        )
+
+
+reorder = Reorder()

@@ -8,35 +8,34 @@ with the learned parameters. Learning rates left unset take the preset's default
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from qtool.core.checkpoint import BlockJournal, StageWriter, TextStageParams
-from qtool.core.devices import pick_device
 from qtool.core.errors import QtoolError
-from qtool.core.progress import console, progress
+from qtool.core.progress import progress
 from qtool.core.spec import parse_spec
-from qtool.models.adapters import adapter_for
 from qtool.quant.blockwise_train import PRESETS, TrainSettings, train_blocks
 from qtool.quant.qparams import QPARAMS, model_qparams
-from qtool.runtime.loader import load, open_source
-from qtool.stages.base import fingerprint_or_skip, training_windows
+from qtool.stages.base import Run, Stage, StageResult, TextStageParams, param
+
+LR = dict(above=0.0)
 
 
 @dataclass(frozen=True)
 class BlockAPParams(TextStageParams):
-    preset: str = "omniquant"
-    spec: str = "W4A16-g128"
-    epochs: int = 2
-    batch: int = 1
-    lr_let: float | None = None
-    lr_lwc: float | None = None
-    lr_weight: float | None = None
-    lr_qparams: float | None = None
-    lr_comp: float | None = None
-    cosine: bool | None = None  # None: the preset's choice
-    alpha: float = 0.5
+    preset: str = param("omniquant", "Method preset.", choices=tuple(PRESETS))
+    spec: str = param("W4A16-g128", "Target spec, e.g. W4A16-g128, W2A16-g64, W4A4, W2*A8-g128.", check=parse_spec)
+    epochs: int = param(2, "Passes over the calibration windows per block.", min=1)
+    batch: int = param(1, "Windows per training step (and per forward pass).", min=1, flags=("--batch-size",))
+    lr_let: float | None = param(None, "LET learning rate (preset default).", **LR)
+    lr_lwc: float | None = param(None, "Clipping (LWC) learning rate (preset default).", **LR)
+    lr_weight: float | None = param(None, "Weight learning rate, efficientqat (preset default).", **LR)
+    lr_qparams: float | None = param(None, "Scale/zero learning rate, efficientqat (preset default).", **LR)
+    lr_comp: float | None = param(None, "Compensation-vector learning rate, abq (preset default).", **LR)
+    cosine: bool | None = param(
+        None, "Cosine learning-rate schedule (preset default).", flags=("--cosine/--no-cosine",)
+    )
+    alpha: float = param(0.5, "LET migration strength.", min=0.0, max=1.0)
+    batch_size: int | None = param(None, "Windows per forward pass (default: batch).", min=1, result=False, cli=False)
 
     def settings(self) -> TrainSettings:
         preset = PRESETS[self.preset]
@@ -52,82 +51,75 @@ class BlockAPParams(TextStageParams):
         return TrainSettings(self.epochs, self.batch, self.seed, lr, cosine, self.alpha)
 
 
-def _check(params: BlockAPParams):
-    if params.preset not in PRESETS:
-        raise QtoolError(f"unknown preset '{params.preset}'; use one of {', '.join(PRESETS)}")
-    spec = parse_spec(params.spec)
-    if spec.is_float:
-        raise QtoolError(f"{spec.name} quantizes nothing; give a spec such as W4A16-g128 or W4A4")
-    if spec.quantizes_activations and (spec.a_static or spec.a_granularity != "token"):
-        raise QtoolError(
-            f"{spec.name}: train-blockap trains with dynamic per-token activations; drop -tensor/-cluster/-static"
+@dataclass(kw_only=True)
+class BlockAPResult(StageResult):
+    preset: str
+    spec: str
+    tokens: int
+    epochs: int
+    last_block_loss: float
+
+    def summary(self) -> str:
+        return (
+            f"train-blockap: {self.preset} {self.spec}, {self.tokens} tokens, "
+            f"{self.epochs} epochs in {self.seconds} s -> {self.out}"
         )
-    if params.epochs < 1 or params.batch < 1 or params.samples < params.batch:
-        raise QtoolError("need epochs >= 1, batch size >= 1 and at least one batch of samples")
-    return spec
 
 
-def train_blockap(params: BlockAPParams, device: str = "auto", batch_size: int = 1) -> dict:
-    """Run the stage (or find it already complete) and return its summary."""
-    spec = _check(params)
-    source = open_source(params.model)
-    out = Path(params.out)
-    fingerprint, skipped = fingerprint_or_skip("train-blockap", params, source)
-    if skipped:
-        return skipped
-    dev = pick_device(device)
-    t0 = time.time()
-    model, tokenizer = load(source)
-    adapter = adapter_for(model.config)
-    windows = training_windows(tokenizer, params)
-    journal = BlockJournal(out, fingerprint)
-    attention = model.config._attn_implementation
-    with (
-        progress() as bar,
-        StageWriter(out, "train-blockap", params.fingerprint_params(), source, spec=spec.name) as writer,
-    ):
-        task = bar.add_task(f"{params.preset} {spec.name}", total=len(adapter.layers(model)), info="")
+class TrainBlockAP(Stage):
+    name = "train-blockap"
+    params = BlockAPParams
+    help = "Block-wise training of the quantized model; saves folded weights and learned scales/zeros."
 
-        def on_block(index, n):
-            bar.update(task, completed=index, info=f"block {index + 1}/{n}")
+    def check(self, params: BlockAPParams, source) -> None:
+        spec = parse_spec(params.spec)
+        if spec.is_float:
+            raise QtoolError(f"{spec.name} quantizes nothing; give a spec such as W4A16-g128 or W4A4")
+        if spec.quantizes_activations and (spec.a_static or spec.a_granularity != "token"):
+            raise QtoolError(
+                f"{spec.name}: train-blockap trains with dynamic per-token activations; drop -tensor/-cluster/-static"
+            )
+        if params.samples < params.batch:
+            raise QtoolError(f"--samples {params.samples} is less than one batch (--batch-size {params.batch})")
 
-        def on_epoch(index, epoch, loss):
-            bar.update(task, info=f"block {index + 1} epoch {epoch + 1}/{params.epochs} loss {loss:.4g}")
+    def work(self, run: Run) -> BlockAPResult:
+        p = run.params
+        spec = parse_spec(p.spec)
+        dev = run.device()
+        model, tokenizer, adapter = run.load()
+        windows = run.windows(tokenizer)
+        attention = model.config._attn_implementation
+        n_blocks = len(adapter.layers(model))
+        with progress() as bar, run.writer(spec=spec.name) as writer:
+            task = bar.add_task(f"{p.preset} {spec.name}", total=n_blocks, info="")
 
-        qparams, losses = train_blocks(
-            model,
-            adapter,
-            spec,
-            PRESETS[params.preset],
-            params.settings(),
-            windows,
-            dev,
-            journal,
-            batch_size,
-            on_block,
-            on_epoch,
+            def on_block(index, n):
+                bar.update(task, completed=index, info=f"block {index + 1}/{n}")
+
+            def on_epoch(index, epoch, loss):
+                bar.update(task, info=f"block {index + 1} epoch {epoch + 1}/{p.epochs} loss {loss:.4g}")
+
+            forward_batch = p.batch if p.batch_size is None else p.batch_size
+            preset, settings = PRESETS[p.preset], p.settings()
+            qparams, losses = train_blocks(
+                model, adapter, spec, preset, settings, windows, dev, run.journal(), forward_batch, on_block, on_epoch
+            )
+            bar.update(task, completed=n_blocks, info="done")
+            model.set_attn_implementation(attention)
+            writer.save_model(model)
+            if spec.quantizes_weights:
+                writer.save_tensors(QPARAMS, model_qparams(model, adapter, spec, qparams))
+            run.commit(writer, tokens=int(windows.numel()), **losses)
+        return BlockAPResult(
+            stage=self.name,
+            out=str(run.out),
+            preset=p.preset,
+            spec=spec.name,
+            tokens=int(windows.numel()),
+            epochs=p.epochs,
+            seconds=run.seconds(),
+            last_block_loss=losses[f"block{len(losses) - 1}.loss"],
         )
-        bar.update(task, completed=len(adapter.layers(model)), info="done")
-        model.set_attn_implementation(attention)
-        writer.save_model(model)
-        if spec.quantizes_weights:
-            writer.save_tensors(QPARAMS, model_qparams(model, adapter, spec, qparams))
-        writer.timings["train_s"] = round(time.time() - t0, 3)
-        writer.metrics.update(tokens=int(windows.numel()), **losses)
-        writer.commit()
-    journal.remove()
-    seconds = round(time.time() - t0, 2)
-    console.print(
-        f"train-blockap: {params.preset} {spec.name}, {params.samples} x {params.seqlen} tokens, "
-        f"{params.epochs} epochs in {seconds} s -> {out}"
-    )
-    return {
-        "stage": "train-blockap",
-        "out": str(out),
-        "skipped": False,
-        "preset": params.preset,
-        "spec": spec.name,
-        "tokens": int(windows.numel()),
-        "seconds": seconds,
-        "last_block_loss": losses[f"block{len(losses) - 1}.loss"],
-    }
+
+
+train_blockap = TrainBlockAP()
