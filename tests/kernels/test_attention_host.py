@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from host_kernel import build, kernel_source, u16
-from test_decode_attention import _inputs
+from test_attention import _inputs
 
 from qtool.kernels import attention
 
