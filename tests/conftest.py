@@ -50,13 +50,11 @@ def forward_stats(model, ids):
     seen, handles = {}, []
     for i, block in enumerate(adapter.layers(model)):
         for name, lin in adapter.linears(block).items():
-            handles.append(
-                lin.register_forward_pre_hook(lambda m, a, k=layer_key(i, name, "input"): seen.__setitem__(k, a[0]))
-            )
+            key = layer_key(i, name, "input")
+            handles.append(lin.register_forward_pre_hook(lambda m, a, k=key: seen.__setitem__(k, a[0])))
             if name in (adapter.q, adapter.k, adapter.v):
-                handles.append(
-                    lin.register_forward_hook(lambda m, a, o, k=layer_key(i, name, "output"): seen.__setitem__(k, o))
-                )
+                key = layer_key(i, name, "output")
+                handles.append(lin.register_forward_hook(lambda m, a, o, k=key: seen.__setitem__(k, o)))
     with torch.no_grad():
         model(ids)
     for h in handles:

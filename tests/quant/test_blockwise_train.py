@@ -29,7 +29,7 @@ def test_block_state_fold_keeps_the_float_block(family, preset):
     assert torch.allclose(
         block_output(block, folded, hidden, kwargs), block_output(block, state.base, hidden, kwargs), atol=1e-10, rtol=0
     )
-    for scale, zero in qparams.values():
+    for _scale, zero in qparams.values():
         assert zero.min() >= 0 and zero.max() <= spec.w_levels - 1 and torch.equal(zero, zero.round())
 
 
