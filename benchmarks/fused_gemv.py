@@ -5,7 +5,8 @@ kernels with the quantization, the plain GEMV, a residual add). Each in a CUDA g
 replays its step), CUDA events, warm-up, median of --reps, the weights rotated over enough copies to
 exceed L2.
 
-Usage: PYTHONPATH=src python3 benchmarks/fused_gemv.py --bits 2 --a-bits 8 --out benchmarks/results/fused_gemv_h100.jsonl
+Usage (from the repository root):
+    PYTHONPATH=src python3 benchmarks/fused_gemv.py --bits 2 --a-bits 8 --out benchmarks/results/fused_gemv_h100.jsonl
 (--shapes decoder: o_proj and down_proj with their input quantization alone, no residual;
 --warps P,F: warps per block of the plain and the fused GEMV, against ops.SIMT_WARPS)
 """

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every supported family, and the real SmolLM2."""
+"""Shared fixtures and helpers: tiny random models of every supported family, the real SmolLM2, and
+the per-channel statistics of one forward (the reorder stage and RPTQ tests)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from qtool.core.checkpoint import layer_key
+from qtool.models.adapters import adapter_for
 from qtool.models.loading import load_tokenizer, resolve_model
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -39,6 +42,28 @@ def tiny_model(family: str, seed: int = 0):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "opt")
+
+
+def forward_stats(model, ids):
+    """Per-channel min/max/absmax of every linear input and q/k/v output, from one forward."""
+    adapter = adapter_for(model.config)
+    seen, handles = {}, []
+    for i, block in enumerate(adapter.layers(model)):
+        for name, lin in adapter.linears(block).items():
+            key = layer_key(i, name, "input")
+            handles.append(lin.register_forward_pre_hook(lambda m, a, k=key: seen.__setitem__(k, a[0])))
+            if name in (adapter.q, adapter.k, adapter.v):
+                key = layer_key(i, name, "output")
+                handles.append(lin.register_forward_hook(lambda m, a, o, k=key: seen.__setitem__(k, o)))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    stats = {}
+    for key, x in seen.items():
+        flat = x.reshape(-1, x.shape[-1]).float()
+        stats.update({f"{key}.min": flat.amin(0), f"{key}.max": flat.amax(0), f"{key}.absmax": flat.abs().amax(0)})
+    return stats
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from host_kernel import build, kernel_source, u16
-from test_decode_attention import _inputs
+from test_attention import _inputs
 
 from qtool.kernels import attention
 
@@ -71,7 +71,8 @@ int emu_launch(const u16* qkv, int qkv_stride, const u16* cosv, const u16* sinv,
     emu_block(128, [=] {
       blockIdx.x = blk % splits;
       blockIdx.y = blk / splits;
-      decode_attention<D, G, T>(qkv, qkv_stride, cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale);
+      decode_attention<D, G, T>(qkv, qkv_stride, cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk,
+                                splits, scale);
     });
     for (long i = smem; i < (long)sm.size(); ++i)
       if (sm[i] != 0xff) return 2;  // written past the dynamic shared memory
@@ -96,8 +97,9 @@ def lib() -> ctypes.CDLL:
     )
     for d, g, t in _configs():
         code += (
-            f"  if (D == {d} && G == {g} && f16 == {int(t == 'F16')}) return emu_launch<{d}, {g}, {t}>(qkv, qkv_stride, "
-            "cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, L, chunk, splits, scale, smem, nbk, reverse);\n"
+            f"  if (D == {d} && G == {g} && f16 == {int(t == 'F16')}) "
+            f"return emu_launch<{d}, {g}, {t}>(qkv, qkv_stride, cosv, sinv, kc, vc, pos, out, ws, counters, H, Hkv, "
+            "L, chunk, splits, scale, smem, nbk, reverse);\n"
         )
     code += "  return 1;\n}\n"
     lib = build(code, "attention_host")

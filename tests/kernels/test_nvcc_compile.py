@@ -102,7 +102,10 @@ def test_simt_gemv_does_not_spill(tmp_path):
     bounds cap them at 128 registers: 2 blocks of 256 threads or 1 of 512 per SM); with the fused prologue
     or codes (MODE 1, 2: mangled 'Li1ELi16E', 'Li2ELi16E'), at most 8 bytes (W3 bf16 with two groups per
     word spills 8)."""
-    args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*)"
+    args = (
+        "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, "
+        "int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*)"
+    )
     found = _spills(_simt_instantiations(), args, tmp_path)
     assert [f for f in found if "Li0ELi8E" in f[0] and f[1:] != ("0", "0")] == []
     assert [f for f in found if "Li0ELi8E" not in f[0] and int(f[2]) > 8] == []

@@ -99,9 +99,9 @@ def build(configs) -> ctypes.CDLL:
         f"const unsigned THREADS = {32 * ops.SIMT_WARPS[True]};\n"
         + """
 template <int B, int MT, int U, int NSEG, class T, int MODE>
-void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y,
-                int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
-                int abits, const u16* res, int grid, long smem) {
+void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zeros, const u16* x, const u16* bias,
+                u16* y, int M, int N, int K, int row_words, int G, int gshift, int nblk, int ldx, int gated,
+                const u16* nw, float eps, int abits, const u16* res, int grid, long smem) {
   std::vector<uint4> sm(smem / 16 + 1);
   blockDim.x = THREADS;
   gridDim.x = grid;
@@ -110,21 +110,22 @@ void emu_launch(const u32* wq, const u32* whi, const u16* scales, const u8* zero
     emu_smem = sm.data();
     emu_block(THREADS, [=] {
       blockIdx.x = b;
-      wonly_gemv_simt<B, MT, U, NSEG, T, MODE, THREADS / 32>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated,
-                                               nw, eps, abits, res);
+      wonly_gemv_simt<B, MT, U, NSEG, T, MODE, THREADS / 32>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words,
+                                                             G, gshift, nblk, ldx, gated, nw, eps, abits, res);
     });
   }
 }
-extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, int MODE, const u32* wq, const u32* whi, const u16* scales,
-                        const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K, int row_words, int G, int gshift,
-                        int nblk, int ldx, int gated, const u16* nw, float eps, int abits, const u16* res, int grid, long smem) {
+extern "C" int run_simt(int B, int MT, int U, int NSEG, int f16, int MODE, const u32* wq, const u32* whi,
+                        const u16* scales, const u8* zeros, const u16* x, const u16* bias, u16* y, int M, int N, int K,
+                        int row_words, int G, int gshift, int nblk, int ldx, int gated, const u16* nw, float eps,
+                        int abits, const u16* res, int grid, long smem) {
 """
     )
     for b, mt, u, nseg, t, mode in configs:
         launch += (
-            f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')} && MODE == {mode}) "
-            f"return emu_launch<{b}, {mt}, {u}, {nseg}, {t}, {mode}>(wq, whi, scales, zeros, x, bias, y, M, N, K, row_words, G, gshift, nblk, "
-            "ldx, gated, nw, eps, abits, res, grid, smem), 0;\n"
+            f"  if (B == {b} && MT == {mt} && U == {u} && NSEG == {nseg} && f16 == {int(t == 'F16')} "
+            f"&& MODE == {mode}) return emu_launch<{b}, {mt}, {u}, {nseg}, {t}, {mode}>(wq, whi, scales, zeros, x, "
+            "bias, y, M, N, K, row_words, G, gshift, nblk, ldx, gated, nw, eps, abits, res, grid, smem), 0;\n"
         )
     launch += "  return 1;\n}\n"
     return build_library(_source() + launch, "simt_host")

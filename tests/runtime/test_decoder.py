@@ -68,17 +68,6 @@ def test_decoder_runs_packed_models_like_their_forward(tiny_dir, tmp_path, spec,
     torch.testing.assert_close(_hf_logits(model, ids), ref, rtol=0, atol=0)
 
 
-def test_packed_concat_is_the_parts_side_by_side(tiny_dir, tmp_path):
-    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W3A16-g32"))
-    attn = load_packed(tmp_path / "p").model.layers[0].self_attn
-    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-    dense = torch.cat([p.dequantized() for p in parts])
-    fused = PackedLinear.concat(parts)
-    assert torch.equal(fused.dequantized(), dense)
-    assert torch.equal(torch.cat([p.dequantized() for p in parts]), dense)  # parts unchanged, now views
-    assert fused.qweight.data_ptr() == attn.q_proj.qweight.data_ptr()
-
-
 def test_decoder_refuses_what_it_does_not_implement():
     with pytest.raises(QtoolError, match="opt"):
         Decoder(tiny_model("opt"), batch=1, max_len=8)
@@ -143,57 +132,6 @@ def test_decoder_on_the_gpu_matches_the_transformers_forward(tiny_dir, tmp_path,
     for p in range(6, 13):
         again.append(decoder.forward(again[-1], p).argmax(-1, keepdim=True))
     assert torch.equal(tokens, torch.cat(again, 1))
-
-
-def test_qtool_generate_cli_continues_like_transformers_greedy(tiny_dir, tmp_path):
-    """`qtool generate` on a packed checkpoint (Decoder) and on an OPT model (no Decoder: transformers)
-    gives transformers' greedy tokens for the same loaded model."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from qtool.cli import app
-    from qtool.models.loading import load_tokenizer
-    from qtool.runtime.generate import generate_text
-
-    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W4A8-g32"))
-    tokenizer = load_tokenizer(tiny_dir)
-    prompt = "The capital of France is"
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = load_packed(tmp_path / "p").generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[
-            0, ids.shape[1] :
-        ]
-    result = CliRunner().invoke(
-        app, ["generate", str(tmp_path / "p"), "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu", "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    row = json.loads(result.output.strip().splitlines()[-1])
-    assert row["runtime"] == "qtool" and row["new_tokens"] == 6
-    assert row["text"] == tokenizer.decode(want, skip_special_tokens=True)
-    bad = CliRunner().invoke(app, ["generate", str(tmp_path / "p"), "--prompt", ""])
-    assert bad.exit_code != 0
-
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    opt = OPTForCausalLM(
-        OPTConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            ffn_dim=64,
-            max_position_embeddings=64,
-            word_embed_proj_dim=32,
-        )
-    ).eval()
-    opt.save_pretrained(tmp_path / "opt")
-    tokenizer.save_pretrained(tmp_path / "opt")
-    with torch.no_grad():
-        want = opt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
-    row = generate_text(str(tmp_path / "opt"), prompt, 4, device="cpu")
-    assert row["runtime"] == "transformers" and row["text"] == tokenizer.decode(want, skip_special_tokens=True)
 
 
 def test_decoder_runs_an_rptq_packed_model(tiny_dir, tmp_path):

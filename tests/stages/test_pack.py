@@ -10,17 +10,15 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model
 from export_decoders import DECODE
-from qtool import kernels
 from qtool.core.checkpoint import open_stage
 from qtool.core.errors import QtoolError
-from qtool.core.quantizer import dequantize_weight, fake_quant_weight, quantize_weight
+from qtool.core.quantizer import dequantize_weight, quantize_weight
 from qtool.core.spec import parse_spec
-from qtool.kernels import reference
 from qtool.models.adapters import adapter_for
 from qtool.quant.fakequant import apply_spec
 from qtool.quant.rptq import cluster_bounds
 from qtool.runtime.loader import load, open_source
-from qtool.runtime.packed_linear import PackedLinear, choose_layout
+from qtool.runtime.packed_linear import PackedLinear
 from qtool.runtime.packed_model import WEIGHTS, load_packed
 from qtool.stages.calibrate import CalibrateParams, calibrate
 from qtool.stages.eval import EvalParams, evaluate
@@ -133,33 +131,6 @@ def test_pack_dtype_casts_only_the_float_tensors(tiny_dir, tmp_path):
         assert torch.equal(f16[key], value if packed else value.half()), key
 
 
-_GPU = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
-)
-
-
-@pytest.mark.parametrize("device", ["cpu", _GPU])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("spec", ["W2A16-g64", "W4A16-g128", "W4A16"])
-def test_kernel_dequantization_is_the_stage_16_bit_weights(spec, dtype, device):
-    """At large M a weight-only layer dequantizes to x's dtype (wonly_dequant) and calls cuBLAS: its
-    weights must be the stage's bit for bit, as `qtool eval --dtype` makes them (fake quantization
-    in fp32, then a cast). The kernel computes fp16 (q - z), exact, times the fp16 scale in fp16
-    (HMUL2) or in fp32 then rounds to bf16: one rounding of the exact product, emulated below."""
-    torch.manual_seed(0)
-    # rows shifted off 0 give groups on one side of it, hence |q - z| = 3 at W2 (inexact products)
-    w = torch.randn(96, 512) * 0.05 + torch.linspace(-0.1, 0.1, 96)[:, None]
-    s = parse_spec(spec)
-    stage = fake_quant_weight(w, s).to(dtype)
-    linear = PackedLinear.from_codes(*quantize_weight(w, s), s, "wonly").to(device).to_kernel_form()
-    g = torch.arange(w.shape[1]) // (s.group or w.shape[1])
-    codes, zeros, scales = linear.codes().cpu(), linear.zeros.cpu().long(), linear.scales16.cpu()
-    emulated = ((codes - zeros[:, g]).float() * scales.float()[:, g]).to(dtype)
-    kernel = kernels.dequantize_weights(linear._kernel_weights(), dtype).cpu()
-    for got in (emulated, kernel):
-        assert torch.equal(got.view(torch.int16), stage.view(torch.int16))
-
-
 def test_generate_matches_the_stage(tiny_dir, tmp_path):
     pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec="W4A16-g32"))
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -186,23 +157,6 @@ def test_pack_reports_true_bits_per_weight(tiny_dir, tmp_path):
     assert manifest["stage"] == "pack" and manifest["spec"] == "W4A16-g32"
     assert not list((tmp_path / "p").glob("qtool-*.safetensors"))  # float weights and stage tensors left behind
     assert json.loads((tiny_dir / "config.json").read_text()).get("quantization_config") is None  # parent untouched
-
-
-@pytest.mark.parametrize(
-    "spec,gpu_bits", [("W2A16-g64", 2.375), ("W4A16-g128", 4.1875), ("W3A16", None), ("W4A4", None)]
-)
-def test_kernel_form_holds_kernel_nbytes(spec, gpu_bits):
-    """to_kernel_form keeps exactly the bytes kernel_nbytes counts (bits_per_weight_gpu), and the
-    packed codes read back the same from the kernel form."""
-    s = parse_spec(spec)
-    codes, scale, zero = quantize_weight(torch.randn(48, 512, generator=torch.Generator().manual_seed(0)), s)
-    linear = PackedLinear.from_codes(codes, scale, zero, s, choose_layout(s))
-    expected = linear.kernel_nbytes
-    linear.to_kernel_form()
-    assert linear.nbytes == expected == linear.kernel_nbytes
-    assert torch.equal(linear.codes(), codes.long())
-    if gpu_bits is not None:  # weight-only, K = 512 a whole number of GEMV k-blocks: bits + 24 / group
-        assert 8 * expected / codes.numel() == gpu_bits
 
 
 def test_bad_inputs(tiny_dir, tmp_path):
@@ -275,94 +229,6 @@ def test_compressed_tensors_export_loads_in_transformers(tiny_dir, tmp_path):
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(4))
     a, b = _logits(loaded, ids), _logits(_fake_quant(tiny_dir, "W4A16-g32-sym"), ids)
     assert ((a - b).norm() / b.norm()).item() < 2e-3
-
-
-@pytest.fixture(scope="module")
-def smollm2_float(smollm2_dir, smollm2_tokenizer):
-    from qtool.core.data import read_text, token_ids
-
-    ids = token_ids(smollm2_tokenizer, read_text("wikitext2-test"))[:128].unsqueeze(0)
-    return load(open_source(str(smollm2_dir)))[0], ids
-
-
-@pytest.mark.parametrize("spec", ["W4A16-g128", "W2A16-g64", "W4A4", "W4A4KV4"])
-def test_smollm2_packed_equals_stage_on_real_text(smollm2_float, spec):
-    """The acceptance specs on the real model: packed logits (hence perplexity) equal the stage's."""
-    import copy
-
-    from qtool.runtime.packed_model import pack_model
-
-    model, ids = copy.deepcopy(smollm2_float[0]), smollm2_float[1]
-    adapter = adapter_for(model.config)
-    ref = copy.deepcopy(smollm2_float[0])
-    apply_spec(ref, adapter, parse_spec(spec))
-    pack_model(model, adapter, parse_spec(spec))
-    assert torch.equal(_logits(model, ids), _logits(ref, ids))
-
-
-@pytest.mark.parametrize("device", ["cpu", _GPU])
-@pytest.mark.parametrize("spec", ["W2A8", "W4A16-g128", "W4A4"])
-def test_packed_linear_takes_a_norm_and_a_residual(spec, device):
-    """forward(x, norm=..., residual=...) = residual + forward(RMSNorm(x)): on the CPU by the same ops
-    (exactly), on the GPU inside the weight-only GEMV (per-channel W2A8: on integer codes)."""
-    torch.manual_seed(1)
-    s = parse_spec(spec)
-    w = torch.randn(192, 512) * 0.05
-    linear = PackedLinear.from_codes(*quantize_weight(w, s), s, choose_layout(s)).to(device)
-    dtype = torch.float16 if device != "cpu" else torch.float32
-    x = (torch.randn(3, 512) * 3).to(device, dtype)
-    nw, res = (torch.rand(512) + 0.5).to(device, dtype), torch.randn(3, 192).to(device, dtype)
-    got = linear(x, norm=(nw, 1e-5), residual=res).double()
-    expect = (res + linear(reference.rms_norm(x, nw, 1e-5))).double()
-    if device == "cpu":
-        assert torch.equal(got, expect)
-    else:
-        assert ((got - expect).norm() / expect.norm()).item() < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize(
-    "spec,layout",
-    [
-        ("W4A16-g32", "auto"),
-        ("W2A16-g32", "auto"),
-        ("W3A16", "auto"),
-        ("W8A16-g64", "auto"),
-        ("W4A4", "auto"),
-        ("W2A8", "auto"),
-        ("W4A4", "u8"),
-        ("W4A8-g32", "u8"),
-        ("W6A8", "auto"),
-        ("W4A4KV4", "auto"),
-        ("W4A4KV4", "u8"),
-    ],
-)
-def test_packed_linears_on_the_gpu_kernels_match_the_cpu_reference(tiny_dir, tmp_path, spec, layout):
-    """Every layout's kernel path (in kernel form: fp32 scales dropped) against the exact CPU
-    reference of the same checkpoint, linear by linear on the same fp16 inputs (so activation codes
-    agree and only fp16 output rounding and summation order differ); whole-model logits too for the
-    weight-only specs (quantized activations would amplify fp16 rounding through code flips)."""
-    from qtool.kernels.cuda_runtime import cupy_available
-
-    if not cupy_available():
-        pytest.skip("cupy not installed")
-    pack(PackParams(str(tiny_dir), str(tmp_path / "p"), spec=spec, layout=layout))
-    cpu = load_packed(tmp_path / "p")
-    gpu = load_packed(tmp_path / "p", dtype=torch.float16, device="cuda")
-    assert all("scales" not in m._buffers for m in gpu.modules() if isinstance(m, PackedLinear))
-    gen = torch.Generator().manual_seed(5)
-    for name, ref_linear in cpu.model.layers[0].named_modules():
-        if not isinstance(ref_linear, PackedLinear) or ref_linear.kv_bits < 16:
-            continue  # K/V outputs are re-quantized from 16-bit values on the GPU: codes may flip
-        x = torch.randn(5, ref_linear.in_features, generator=gen).half()
-        ref = ref_linear(x.float()).double()
-        out = gpu.model.layers[0].get_submodule(name)(x.cuda()).double().cpu()
-        assert ((out - ref).norm() / ref.norm()).item() < 5e-3, name
-    if "A16" in spec:
-        ids = torch.randint(0, 1000, (2, 24), generator=gen)
-        ref, out = _logits(cpu, ids).double(), _logits(gpu, ids.cuda()).double().cpu()
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

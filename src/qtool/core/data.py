@@ -99,7 +99,8 @@ def _need(ids: torch.Tensor, seqlen: int, source: str) -> None:
         raise QtoolError(f"seqlen must be at least 2, got {seqlen}")
     if ids.numel() < seqlen:
         raise QtoolError(
-            f"data '{source}' has {ids.numel()} tokens, fewer than one window of {seqlen}; use a shorter --seqlen or more text"
+            f"data '{source}' has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+            "use a shorter --seqlen or more text"
         )
 
 

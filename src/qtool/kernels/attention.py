@@ -105,8 +105,9 @@ def decode_attention(
     ws: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention output [B, heads * D] of one new token per sequence. qkv [B, (H + 2 Hkv) * D] (the
-    fused projection, rows may be strided), cos / sin [D] of position pos (the same for every sequence), caches [B, Hkv, L, D] (written at pos),
-    pos: a one-element int64 tensor on the device. CPU / no CuPy: the torch reference."""
+    fused projection, rows may be strided), cos / sin [D] of position pos (the same for every
+    sequence), caches [B, Hkv, L, D] (written at pos), pos: a one-element int64 tensor on the
+    device. CPU / no CuPy: the torch reference."""
     b, kv_heads, max_len, d = k_cache.shape
     if not rt.on_gpu(qkv, k_cache):
         return decode_attention_ref(qkv, cos, sin, k_cache, v_cache, pos, heads, scale)

@@ -37,7 +37,8 @@ def _arch_option() -> str:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         raise QtoolError(
-            f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: run on CPU references instead"
+            f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: "
+            "run on CPU references instead"
         )
     return f"--gpu-architecture=sm_{major}{minor}"
 

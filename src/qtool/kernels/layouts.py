@@ -93,7 +93,8 @@ def _check_group(k: int, group: int | None, n_groups: int) -> int:
     g = k if group is None else int(group)
     if g <= 0 or -(-k // g) != n_groups:
         raise QtoolError(
-            f"scales have {n_groups} groups but K={k} with group={group} needs {-(-k // max(g, 1))}: pass the group size used to quantize"
+            f"scales have {n_groups} groups but K={k} with group={group} needs {-(-k // max(g, 1))}: "
+            "pass the group size used to quantize"
         )
     return g
 

@@ -42,7 +42,7 @@ class Segments:
 
     def positions(self) -> torch.Tensor:
         """Padded position of every original k (int64 [K])."""
-        parts = [torch.arange(l) + self.ptile[s] * self.tile for s, l in enumerate(self.lengths())]
+        parts = [torch.arange(n) + self.ptile[s] * self.tile for s, n in enumerate(self.lengths())]
         return torch.cat(parts)
 
     def tile_seg(self) -> torch.Tensor:
@@ -64,7 +64,8 @@ def cluster_bounds(k: int, clusters) -> tuple[int, ...]:
     b = tuple(int(v) for v in (clusters.tolist() if torch.is_tensor(clusters) else clusters))
     if len(b) < 2 or b[0] != 0 or b[-1] != k or any(x >= y for x, y in zip(b[:-1], b[1:])):
         raise QtoolError(
-            f"cluster boundaries must rise strictly from 0 to K={k}; got {b[:4]}...{b[-2:]}: pass RPTQ's cumulative cluster sizes with a leading 0"
+            f"cluster boundaries must rise strictly from 0 to K={k}; got {b[:4]}...{b[-2:]}: "
+            "pass RPTQ's cumulative cluster sizes with a leading 0"
         )
     return b
 

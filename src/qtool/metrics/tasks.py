@@ -138,7 +138,8 @@ def evaluate_tasks(
     for task in data_paths or {}:
         if task not in tasks:
             raise QtoolError(
-                f"task data given for '{task}', which is not among the tasks run ({', '.join(tasks)}); add it to --tasks or drop its --task-data"
+                f"task data given for '{task}', which is not among the tasks run ({', '.join(tasks)}); "
+                "add it to --tasks or drop its --task-data"
             )
     with _progress_bar(progress) as bar:
         return {

@@ -139,7 +139,8 @@ def load_model(path: Path, dtype=None, device: str | None = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
     except ImportError as exc:  # e.g. a GPTQ export, whose loader (optimum) is not installed
         raise QtoolError(
-            f"cannot load {path}: {str(exc).strip()[:200]}; install that, or evaluate the qtool stage it was exported from"
+            f"cannot load {path}: {str(exc).strip()[:200]}; "
+            "install that, or evaluate the qtool stage it was exported from"
         ) from None
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -113,7 +113,8 @@ def check_stats(stats: Mapping[str, torch.Tensor], model: nn.Module, adapter: Ad
                     )
                 if stats[key].numel() != width:
                     raise QtoolError(
-                        f"{key} has {stats[key].numel()} channels but the model has {width}: statistics of another model; calibrate this model"
+                        f"{key} has {stats[key].numel()} channels but the model has {width}: "
+                        "statistics of another model; calibrate this model"
                     )
 
 
@@ -129,7 +130,8 @@ def plan_block(
         feats = _features(stats, pre(pairs[site].consumers[0], "input"))
         if clusters > feats.shape[0]:
             raise QtoolError(
-                f"--clusters {clusters} is more than the {feats.shape[0]} channels of {site}; use at most {feats.shape[0]}"
+                f"--clusters {clusters} is more than the {feats.shape[0]} channels of {site}; "
+                f"use at most {feats.shape[0]}"
             )
         perm, sizes = cluster_order(feats, clusters, seed)
         plan[site] = perm, _bounds([sizes])

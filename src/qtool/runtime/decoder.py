@@ -242,7 +242,8 @@ class Decoder:
         )
         if window is not None and max_len > window:
             raise QtoolError(
-                f"max_len {max_len} exceeds the sliding window ({window}) that the Decoder does not implement: use model.generate() or a shorter max_len"
+                f"max_len {max_len} exceeds the sliding window ({window}) that the Decoder does not implement: "
+                "use model.generate() or a shorter max_len"
             )
         self.k_cache = self.v_cache = self._graph = None  # free the old cache first
         shape = (len(self.blocks), batch, self.kv_heads, max_len, self.head_dim)
@@ -345,7 +346,8 @@ class Decoder:
             raise QtoolError(f"the Decoder was built for batch {self.batch}, got {b} prompts: build one with batch={b}")
         if t + max_new_tokens > self.max_len:
             raise QtoolError(
-                f"{t} prompt + {max_new_tokens} new tokens exceed max_len {self.max_len}: build the Decoder with a larger max_len"
+                f"{t} prompt + {max_new_tokens} new tokens exceed max_len {self.max_len}: "
+                "build the Decoder with a larger max_len"
             )
         out = [ids]
         token = self.forward(ids, 0).argmax(-1, keepdim=True)

@@ -231,7 +231,7 @@ def export_tensors(model, adapter, spec, qparams, fmt: str) -> tuple[dict[str, t
     tensors = dict(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    for index, name, linear, codes, scale, zero in quantized_linears(model, adapter, spec, qparams):
+    for index, name, _linear, codes, scale, zero in quantized_linears(model, adapter, spec, qparams):
         prefix = f"{adapter.layers_path}.{index}.{name}"
         del tensors[f"{prefix}.weight"]
         for key, value in EXPORTS[fmt].linear(codes, scale, zero, bits, group, spec.w_sym).items():

@@ -132,7 +132,8 @@ def _linear_from_tensors(
     n, k = shape
     if buffers["scales"].shape[0] != n:
         raise QtoolError(
-            f"{path / WEIGHTS}: {prefix}.scales has {buffers['scales'].shape[0]} rows, the config says {n}; pack it again"
+            f"{path / WEIGHTS}: {prefix}.scales has {buffers['scales'].shape[0]} rows, "
+            f"the config says {n}; pack it again"
         )
     return PackedLinear(
         qcfg["layout"], qcfg["bits"], k, n, spec.group, buffers, spec.a_bits, spec.kv_bits if kv else 16, head_dim
@@ -149,7 +150,8 @@ def load_packed(path: Path, dtype: torch.dtype | None = None, device: str | torc
     qcfg = read_quantization_config(path)
     if qcfg is None:
         raise QtoolError(
-            f"{path} is not a qtool packed checkpoint (no quantization_config with quant_method 'qtool'); run `qtool pack` on a stage"
+            f"{path} is not a qtool packed checkpoint (no quantization_config with quant_method 'qtool'); "
+            "run `qtool pack` on a stage"
         )
     if qcfg.get("format") != PACK_FORMAT:
         raise QtoolError(

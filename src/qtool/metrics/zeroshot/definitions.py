@@ -64,12 +64,14 @@ def build_piqa(path: Path) -> list[Example]:
         if not labels_path.is_file():
             raise QtoolError(
                 f"piqa: {path} line {next(r['_line'] for r in records if 'label' not in r)} is missing field 'label' "
-                f'and there is no labels file {labels_path}; add "label": 0 or 1 to each line or put the labels file beside it'
+                f"and there is no labels file {labels_path}; "
+                'add "label": 0 or 1 to each line or put the labels file beside it'
             )
         labels = read_labels("piqa", labels_path)
         if len(labels) != len(records):
             raise QtoolError(
-                f"piqa: {labels_path} has {len(labels)} labels for {len(records)} lines of {path}; give one label per line"
+                f"piqa: {labels_path} has {len(labels)} labels for {len(records)} lines of {path}; "
+                "give one label per line"
             )
     return [
         _choice_example(
