@@ -146,7 +146,8 @@ def open_stage(path: Path) -> StageDir:
         raise QtoolError(f"{manifest_path} is corrupt; delete the stage directory and run the stage again") from None
     if manifest.get("format") != FORMAT:
         raise QtoolError(
-            f"{path} was written by an incompatible qtool (format {manifest.get('format')}, need {FORMAT}); re-create it"
+            f"{path} was written by an incompatible qtool (format {manifest.get('format')}, need {FORMAT}); "
+            "re-create it"
         )
     return StageDir(path, manifest)
 

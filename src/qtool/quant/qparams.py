@@ -14,8 +14,8 @@ from functools import partial
 import torch
 
 from qtool.core.checkpoint import StageDir, layer_key
-from qtool.core.quantizer import quantize_weight
 from qtool.core.errors import QtoolError
+from qtool.core.quantizer import quantize_weight
 from qtool.core.spec import QuantSpec, parse_spec, same_weight_format
 from qtool.models.adapters import Adapter
 
