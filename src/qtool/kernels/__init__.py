@@ -18,14 +18,6 @@ from qtool.kernels.ops import (
 )
 from qtool.kernels.segments import Segments, make_segments
 
-
-def pack_weights(codes, bits, scales, zeros, group=None, layout="wonly", clusters=None):
-    """Pack [N, K] weight codes for a kernel path: layout 'wonly' (W x A16), 'planes' or 'u8'."""
-    if layout == "wonly":
-        return pack_wonly(codes, bits, scales, zeros, group)
-    return pack_lowbit(codes, bits, scales, zeros, group, clusters, layout)
-
-
 __all__ = [
     "LowbitWeights",
     "PackedActivations",
@@ -37,7 +29,6 @@ __all__ = [
     "lowbit_linear",
     "make_segments",
     "pack_lowbit",
-    "pack_weights",
     "pack_wonly",
     "quantize_activations",
     "u8_gemm",
