@@ -1,6 +1,7 @@
-"""Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references."""
+"""Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references; which
+of them runs is kernels.chooser's decision."""
 
-from qtool.kernels.chooser import choose
+from qtool.kernels.chooser import choose_layout, choose_path
 from qtool.kernels.layouts import (
     LowbitWeights,
     PackedActivations,
@@ -24,7 +25,8 @@ __all__ = [
     "Segments",
     "WOnlyWeights",
     "bitplane_gemm",
-    "choose",
+    "choose_layout",
+    "choose_path",
     "dequantize_weights",
     "lowbit_linear",
     "make_segments",
