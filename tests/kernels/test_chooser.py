@@ -2,6 +2,9 @@
 $QTOOL_CACHE), and that pack (choose_layout), kernels.ops and PackedLinear take their decisions from it."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,3 +272,9 @@ def test_bench_paths_ask_the_chooser():
     for bad in ("w4a4:nibbles", "w4a12", "x4a16"):
         with pytest.raises(QtoolError, match="bad path"):
             parse_path(bad)
+
+
+def test_bench_implementation_does_not_import_its_cli():
+    code = "import sys, qtool.bench.kernels, qtool.bench.e2e; assert 'qtool.bench.cli' not in sys.modules"
+    src = Path(__file__).resolve().parents[2] / "src"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(src)})

@@ -1,4 +1,5 @@
-"""`qtool bench` sub-commands (mounted by the main CLI)."""
+"""`qtool bench` sub-commands (mounted by the main CLI; also `python -m qtool.bench`). This module
+imports the benchmarks (bench.kernels, bench.e2e); they never import it."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Timing: CUDA events around a batch of back-to-back launches while a preceding sl
 queue full (so host launch overhead is not measured), warm-up first, median over batches of the per-call
 time; weights are rotated among copies totalling > 2x L2 so small-M runs stream from HBM. Roofline:
 weight bytes / measured D2D copy bandwidth for M <= 16; for larger M the dense tensor peak of the
-instruction used (H100 figures below). Run as `python -m qtool.bench.kernels --help` or `qtool bench kernels`.
+instruction used (H100 figures below). Run as `qtool bench kernels` (or `python -m qtool.bench kernels`).
 """
 
 from __future__ import annotations
@@ -296,15 +296,3 @@ def plot(rows: list[dict], path: Path) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return str(path)
-
-
-def main(argv=None) -> None:
-    from qtool.bench.cli import app
-
-    app(args=["kernels", *(argv or [])] if argv is not None else None, prog_name="qtool.bench.kernels")
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
