@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qtool import kernels
-from qtool.bench.kernels import parse_path, tune_paths
+from qtool.bench.kernel_bench import parse_path, tune_paths
 from qtool.core.errors import QtoolError
 from qtool.core.paths import cache_dir
 from qtool.core.quantizer import quantize_weight
@@ -275,6 +275,6 @@ def test_bench_paths_ask_the_chooser():
 
 
 def test_bench_implementation_does_not_import_its_cli():
-    code = "import sys, qtool.bench.kernels, qtool.bench.e2e; assert 'qtool.bench.cli' not in sys.modules"
+    code = "import sys, qtool.bench.kernel_bench, qtool.bench.e2e; assert 'qtool.bench.cli' not in sys.modules"
     src = Path(__file__).resolve().parents[2] / "src"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(src)})

@@ -1,5 +1,5 @@
 """`qtool bench` sub-commands (mounted by the main CLI; also `python -m qtool.bench`). This module
-imports the benchmarks (bench.kernels, bench.e2e); they never import it."""
+imports the benchmarks (bench.kernel_bench, bench.e2e); they never import it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from qtool.bench.kernels import (
+from qtool.bench.kernel_bench import (
     DEFAULT_GROUP,
     DEFAULT_M,
     DEFAULT_PATHS,
