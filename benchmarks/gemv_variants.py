@@ -4,7 +4,7 @@
 
 At N x K in 4096x11008, 8192x8192, 28672x8192, 11008x4096 and M in 1, 4, 16, times torch fp16 matmul,
 the tensor-core GEMV (w_only_gemm impl='mma'), the SIMT GEMV (impl='simt') and the dispatch (impl=None)
-for W4 g128 and W2 g64, and W3 g128 at M = 1. Timing is qtool.bench.kernels.time_us: warm-up, then
+for W4 g128 and W2 g64, and W3 g128 at M = 1. Timing is qtool.bench.kernel_bench.time_us: warm-up, then
 batches of back-to-back launches behind a sleep kernel between CUDA events, the median over batches
 (BATCHES x REPS = 70 timed launches per case). Weights are rotated among copies totalling > 2x L2 so
 they stream from HBM. Effective TB/s = (weight + scale bytes, or 2NK for fp16) / time; % copy = that
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qtool.bench.kernels import L2_BYTES, copy_bandwidth, time_us
+from qtool.bench.kernel_bench import L2_BYTES, copy_bandwidth, time_us
 from qtool.kernels import ops
 from qtool.kernels.layouts import WOnlyWeights, wonly_row_words
 

@@ -11,6 +11,7 @@ import torch
 
 from qtool.kernels import (
     bitplane_gemm,
+    chooser,
     ops,
     pack_lowbit,
     pack_wonly,
@@ -108,19 +109,19 @@ def test_u8_gemm(wbits, abits, m, n, k, group):
 @pytest.mark.parametrize("wbits,abits", [(4, 4), (2, 8), (3, 4)])
 @pytest.mark.parametrize("m,n,k,group", [(512, 1024, 4096, 128), (130, 1000, 4096, None), (64, 72, 2080, 32)])
 def test_u8_gemm_tiled(wbits, abits, m, n, k, group):
-    """The shared-memory tiled kernel (M > 16): several stages, ragged tiles, long segments (per-channel:
-    int32 runs converted every 32 tiles) and RPTQ clusters."""
-    _lowbit_case("u8", u8_gemm, u8_gemm_ref, wbits, abits, m, n, k, group)
+    """The shared-memory tiled kernel (the default above M = 16): several stages, ragged tiles, long
+    segments (per-channel: int32 runs converted every 32 tiles) and RPTQ clusters."""
+    _lowbit_case("u8", u8_gemm, u8_gemm_ref, wbits, abits, m, n, k, group, impl="u8_gemm_tiled")
 
 
-def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group):
+def _lowbit_case(layout, kernel, reference, wbits, abits, m, n, k, group, impl=None):
     gen = torch.Generator().manual_seed(wbits * 97 + abits * 13 + m + n + k)
     codes, scales, zeros = _weights(n, k, wbits, group, gen)
     w = pack_lowbit(codes.cuda(), wbits, scales.cuda(), zeros.cuda(), group, _clusters(k, gen), layout)
     x = torch.randn(m, k, generator=gen).half().cuda()
     bias = torch.randn(n, generator=gen).half().cuda()
     a = quantize_activations_ref(x, abits, w.segments, layout)
-    y = kernel(a, w, bias, out=_nan_out(m, n, torch.float16))
+    y = kernel(a, w, bias, out=_nan_out(m, n, torch.float16), impl=impl)
     _close(y, reference(a, w, bias, out_dtype=torch.float64, compute_dtype=torch.float64))
 
 
@@ -239,7 +240,10 @@ def test_w_only_gemm_forced(bits, m, impl):
     _wonly_check(*_wonly_case(bits, 200, 576, 128, m, torch.float16, bits + m), impl=impl)
 
 
-def test_w_only_dispatch():
+def test_w_only_dispatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path))  # no measured table: the chooser's default rule
+    chooser.reload()
+
     def packed(k):
         return pack_wonly(
             torch.zeros(16, k, dtype=torch.int64, device="cuda"),

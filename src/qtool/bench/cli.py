@@ -1,13 +1,16 @@
-"""`qtool bench` sub-commands (mounted by the main CLI)."""
+"""`qtool bench` sub-commands (mounted by the main CLI; also `python -m qtool.bench`). This module
+imports the benchmarks (bench.kernel_bench, bench.e2e); they never import it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from qtool.bench.kernels import (
+from qtool.bench.kernel_bench import (
+    DEFAULT_GROUP,
     DEFAULT_M,
     DEFAULT_PATHS,
     DEFAULT_SHAPES,
@@ -17,6 +20,7 @@ from qtool.bench.kernels import (
 from qtool.core.errors import QtoolError
 
 app = typer.Typer(help="Benchmark qtool's GPU kernels and packed models against torch fp16.", no_args_is_help=True)
+DEFAULT_OUT = Path("bench_out")
 
 
 @app.command()
@@ -24,17 +28,21 @@ def kernels(
     shapes: str = typer.Option(",".join(DEFAULT_SHAPES), help="N x K list, e.g. 4096x11008,8192x8192"),
     m: str = typer.Option(",".join(map(str, DEFAULT_M)), help="token counts M, comma separated"),
     paths: str = typer.Option(
-        ",".join(DEFAULT_PATHS), help="fp16, int_mm, wPaQ (w4a16, w2a8, ...) optionally :bitplane or :u8"
+        ",".join(DEFAULT_PATHS),
+        help="fp16, int_mm, wPaQ (w4a16, w2a8, ...: the layout pack writes, the kernel the chooser picks), "
+        "optionally :LAYOUT (wonly, u8, planes or bitplane) or :KERNEL (simt, mma, dequant, u8_gemm, ...)",
     ),
-    out: Path = typer.Option(Path("bench_out"), help="directory for kernels_bench.csv and .png"),
-    tune: bool = typer.Option(False, help="also time every implementation and write the chooser table"),
+    group: int = typer.Option(DEFAULT_GROUP, help="weight group size along K (0: per channel)"),
+    out: Annotated[Path, typer.Option(help="directory for kernels_bench.csv and .png")] = DEFAULT_OUT,
+    tune: bool = typer.Option(False, help="also time every kernel of every layout and write the chooser's table"),
     reps: int = typer.Option(30, help="timed runs per case (median reported)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary object as the last line"),
 ) -> None:
     """Time the kernel paths at each shape and M; write CSV + PNG (and the tuned table with --tune)."""
     try:
         ms = [int(v) for v in m.split(",")]
-        result = run_bench(parse_shapes(shapes), ms, [p for p in paths.split(",") if p], out, tune=tune, reps=reps)
+        todo = [p for p in paths.split(",") if p]
+        result = run_bench(parse_shapes(shapes), ms, todo, out, tune=tune, reps=reps, group=group or None)
     except (QtoolError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
@@ -58,7 +66,7 @@ def e2e(
     runtimes: str = typer.Option(
         "qtool", help="runtimes of the packed specs: qtool (Decoder), hf (transformers); fp16 runs under both"
     ),
-    out: Path = typer.Option(Path("bench_out"), help="directory for e2e_bench.csv and .png"),
+    out: Annotated[Path, typer.Option(help="directory for e2e_bench.csv and .png")] = DEFAULT_OUT,
     as_json: bool = typer.Option(False, "--json", help="print the rows as one JSON list as the last line"),
 ) -> None:
     """Prefill latency, decode tokens/s and peak GPU memory of packed models beside fp16 (CSV + PNG)."""

@@ -1,6 +1,9 @@
 """`qtool bench e2e`: whole-model prefill latency, decode throughput and peak GPU memory of packed
 models beside the same model in fp16, in one run.
 
+Kernels: the packed linears run in the layout kernels.chooser picks for the spec (`layout` column) and
+with the kernels it picks per shape: from the table `qtool bench kernels --tune` wrote where there is
+one (`kernel_table` column), else its default rule.
 Models: SmolLM2 with its real weights, and LLaMA-2-7B / 70B shapes (configs/) with random weights and
 fewer blocks (`--layers`), as the table states. Every variant is built afresh on the GPU from the
 same seed (the same fp16 weights), packed by RTN (`pack_model`) and reduced to kernel form.
@@ -25,6 +28,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.core.paths import bundled_dir
+from qtool.kernels import chooser
 
 CONFIG_DIR = bundled_dir("configs")
 MODELS = {"smollm2": None, "llama2-7b": "llama-2-7b.json", "llama2-70b": "llama-2-70b.json"}
@@ -158,6 +162,7 @@ def run_e2e(
     from qtool.runtime.packed_model import packed_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    kernel_table = str(chooser.table_path()) if chooser.load_table() is not None else "defaults"
     rows = []
     variants = [("fp16", r) for r in RUNTIMES] + [(s, r) for s in specs for r in RUNTIMES if r in runtimes]
     for name in models:
@@ -172,6 +177,8 @@ def run_e2e(
                 "layers": model.config.num_hidden_layers,
                 "spec": spec,
                 "runtime": runtime,
+                "layout": "" if spec == "fp16" else chooser.choose_layout(parse_spec(spec)),
+                "kernel_table": kernel_table,
                 "weight_bytes": torch.cuda.memory_allocated(),
             }
             if spec != "fp16":  # packed linears' bytes against the bits-per-weight arithmetic of the spec

@@ -1,6 +1,7 @@
-"""Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references."""
+"""Low-bit GPU kernels (CUDA sources in kernels/cuda, compiled by CuPy) with torch references; which
+of them runs is kernels.chooser's decision."""
 
-from qtool.kernels.chooser import choose
+from qtool.kernels.chooser import choose_layout, choose_path
 from qtool.kernels.layouts import (
     LowbitWeights,
     PackedActivations,
@@ -18,26 +19,18 @@ from qtool.kernels.ops import (
 )
 from qtool.kernels.segments import Segments, make_segments
 
-
-def pack_weights(codes, bits, scales, zeros, group=None, layout="wonly", clusters=None):
-    """Pack [N, K] weight codes for a kernel path: layout 'wonly' (W x A16), 'planes' or 'u8'."""
-    if layout == "wonly":
-        return pack_wonly(codes, bits, scales, zeros, group)
-    return pack_lowbit(codes, bits, scales, zeros, group, clusters, layout)
-
-
 __all__ = [
     "LowbitWeights",
     "PackedActivations",
     "Segments",
     "WOnlyWeights",
     "bitplane_gemm",
-    "choose",
+    "choose_layout",
+    "choose_path",
     "dequantize_weights",
     "lowbit_linear",
     "make_segments",
     "pack_lowbit",
-    "pack_weights",
     "pack_wonly",
     "quantize_activations",
     "u8_gemm",

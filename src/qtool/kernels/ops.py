@@ -1,5 +1,10 @@
 """Public kernel entry points: each runs the CUDA kernel when its tensors are on a GPU and CuPy is
-installed, and the torch reference otherwise (same inputs, same outputs)."""
+installed, and the torch reference otherwise (same inputs, same outputs).
+
+Which kernel runs on the GPU is the chooser's decision (kernels.chooser.choose_path, asked by
+w_only_impl and lowbit_impl) unless the caller forces one (`impl=`); these functions override it only
+where the chosen kernel cannot run the call (see w_only_impl, lowbit_impl).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,21 @@ import functools
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.kernels import chooser
 from qtool.kernels import cuda_runtime as rt
 from qtool.kernels import reference as ref
+from qtool.kernels.chooser import GEMV_MAX_M, SIMT_MAX_M  # noqa: F401 (the default rule's thresholds, re-exported)
 from qtool.kernels.layouts import LowbitWeights, PackedActivations, WOnlyWeights
 from qtool.kernels.segments import Segments
 
-GEMV_MAX_M = 16  # above this the weight-only path dequantizes once and calls cuBLAS
+GEMV_ROWS = 16  # the most x rows the mma GEMV (one m16 tile) and the bit-plane GEMV (MT <= 16) take
 GEMV_THREADS = 128  # GEMV_WARPS in wonly_gemv.cu (mma GEMV)
 SIMT_ROWS = 2  # SIMT_R in wonly_gemv.cu
 # warps per SIMT block (W in wonly_gemv.cu) without / with the fused prologue: one block per SM makes
 # the prologue's passes over x once per SM instead of twice
 SIMT_WARPS = {False: 8, True: 16}
 SIMT_PLAIN, SIMT_FUSED, SIMT_CODES = 0, 1, 2  # MODE in wonly_gemv.cu
-
-# Largest M for the SIMT GEMV (x rows in slices of <= 4 per block); the mma GEMV takes M up to
-# GEMV_MAX_M above it. Set from an H100 run of benchmarks/gemv_variants.py (both forced at M = 1, 4, 16;
-# benchmarks/results/gemv_variants_h100.csv, with the earlier 32-bit scale|zero words; the split fp16 scale
-# and uint8 zero loads add ~6 instructions per group): SIMT costs ~(2 + M) instructions per weight
-# pair (W4: ~84 per 16-byte word at M = 1, ~158 at M = 4), so for W4 it wins at M = 1 (2.5-3.6x fp16 vs 2.0-2.4x) but
-# not at M = 4 (1.6x vs 1.9x on 4096x11008); W8 follows W4 (not measured). W2/W3 stay on SIMT up to
-# M = 16: there the mma GEMV reads x fragments through L1 at 16 B per 8 codes per row (0.59-0.68x fp16
-# at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
-SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}
-WONLY_IMPLS = ("simt", "mma", "dequant")
+WONLY_IMPLS = chooser.PATHS["wonly"]
 
 
 def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int:
@@ -40,6 +37,18 @@ def simt_mode(bits: int, groups: int, a_bits: int | None, prologue: bool) -> int
     if a_bits and bits <= 4 and groups == 1:
         return SIMT_CODES
     return SIMT_FUSED if prologue else SIMT_PLAIN
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device(t: torch.Tensor) -> str | None:
+    """The GPU's name for the chooser (tables measured on another GPU do not apply), None off the GPU."""
+    if not t.is_cuda:
+        return None
+    return _device_name(torch.cuda.current_device() if t.device.index is None else t.device.index)
 
 
 def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,7 +110,8 @@ def quantize_activations(
     smem = (2 * c + s) * 4
     if smem > 48 * 1024:
         raise QtoolError(
-            f"{c} clusters and {s} segments need {smem} B of shared memory (max 48 KiB): use fewer clusters or larger groups"
+            f"{c} clusters and {s} segments need {smem} B of shared memory (max 48 KiB): "
+            "use fewer clusters or larger groups"
         )
     if m:
         rt.launch(
@@ -134,7 +144,8 @@ def quantize_activations(
 def _check_pair(a: PackedActivations, w: LowbitWeights, layout: str) -> None:
     if w.layout != layout or a.layout != layout:
         raise QtoolError(
-            f"this GEMM needs '{layout}' weights and activations, got '{w.layout}' and '{a.layout}': pack both with layout='{layout}'"
+            f"this GEMM needs '{layout}' weights and activations, got '{w.layout}' and '{a.layout}': "
+            f"pack both with layout='{layout}'"
         )
     if a.segments != w.segments:
         raise QtoolError("activations were quantized with other segments than the weights: pass segments=w.segments")
@@ -154,7 +165,8 @@ def _output(m: int, n: int, dtype, device, out: torch.Tensor | None) -> torch.Te
         return torch.empty(m, n, dtype=dtype, device=device)
     if out.shape != (m, n) or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise QtoolError(
-            f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+            f"out must be a contiguous [{m}, {n}] {dtype} tensor on {device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     return out
 
@@ -206,14 +218,44 @@ def _tile_grid(a: PackedActivations, w: LowbitWeights, wm: int, wn: int) -> tupl
     return -(-w.n // (8 * wn)), -(-a.m // (16 * wm))
 
 
+@functools.lru_cache(maxsize=256)
+def _segments_group(seg: Segments) -> int:
+    """The weight group the segments were cut for: where group 1 starts (every group boundary starts a
+    segment), K for per-channel weights."""
+    return next((start for start, g in zip(seg.bounds, seg.group_of) if g == 1), seg.k)
+
+
+def lowbit_impl(m: int, w: LowbitWeights, a_bits: int) -> str:
+    """The kernel bitplane_gemm / u8_gemm runs on the GPU for M rows of a_bits activations: the
+    chooser's path (chooser.choose_path), except that the bit-plane GEMV, which takes at most GEMV_ROWS
+    rows, gives way to the bit-plane GEMM above them."""
+    impl = chooser.choose_path(w.layout, w.bits, a_bits, _segments_group(w.segments), m, w.n, w.k, _device(w.data))
+    return "bitplane_gemm" if impl == "bitplane_gemv" and m > GEMV_ROWS else impl
+
+
+def _lowbit_choice(a: PackedActivations, w: LowbitWeights, impl: str | None) -> str:
+    if impl is None:
+        return lowbit_impl(a.m, w, a.bits)
+    if impl not in chooser.PATHS[w.layout]:
+        raise QtoolError(f"impl must be one of {chooser.PATHS[w.layout]} or None for {w.layout} weights, got {impl!r}")
+    if impl == "bitplane_gemv" and a.m > GEMV_ROWS:
+        raise QtoolError(f"the bit-plane GEMV takes M <= {GEMV_ROWS}, got M={a.m}: use impl='bitplane_gemm'")
+    return impl
+
+
 def bitplane_gemm(
-    a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    a: PackedActivations,
+    w: LowbitWeights,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
-    """y = x_hat @ w_hat^T + bias from bit-planes (AND+POPC tensor cores); output in x's dtype."""
+    """y = x_hat @ w_hat^T + bias from bit-planes (AND+POPC tensor cores); output in x's dtype. On the
+    GPU, `impl` (default: lowbit_impl) picks 'bitplane_gemv' (CUDA cores, M <= GEMV_ROWS) or 'bitplane_gemm'."""
     _check_pair(a, w, "planes")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.bitplane_gemm_ref(a, w, bias), out)
-    if a.m <= GEMV_MAX_M:
+    if _lowbit_choice(a, w, impl) == "bitplane_gemv":
         return _bitplane_gemv(a, w, bias, out)
     wm, wn, ks = _lowbit_config(a.m, w.bits + a.bits - 1)
     return _lowbit_launch(
@@ -235,15 +277,19 @@ def _bitplane_gemv(a: PackedActivations, w: LowbitWeights, bias, out):
 
 
 def u8_gemm(
-    a: PackedActivations, w: LowbitWeights, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    a: PackedActivations,
+    w: LowbitWeights,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
-    """y = x_hat @ w_hat^T + bias from u8 codes (activations) and nibbles (weights) on IMMA tensor cores."""
+    """y = x_hat @ w_hat^T + bias from u8 codes (activations) and nibbles (weights) on IMMA tensor cores.
+    On the GPU, `impl` (default: lowbit_impl) picks 'u8_gemm' (warp tiles, K split over 8 warps at
+    M <= 16) or 'u8_gemm_tiled' (64x64 CTA tiles through shared memory)."""
     _check_pair(a, w, "u8")
     if not rt.on_gpu(a.data, w.data):
         return _into(ref.u8_gemm_ref(a, w, bias), out)
-    if (
-        a.m > GEMV_MAX_M
-    ):  # 64x64 CTA tiles through shared memory (cp.async pipeline): grid as for 4x8 fragments, 4 warps
+    if _lowbit_choice(a, w, impl) == "u8_gemm_tiled":  # cp.async pipeline: grid as for 4x8 fragments, 4 warps
         return _lowbit_launch(f"u8_gemm_tiled<{rt.type_tag(a.dtype)}>", a, w, bias, _tile_grid(a, w, 4, 8), 128, out)
     wm, wn, ks = _lowbit_config(a.m, 3)
     return _lowbit_launch(
@@ -251,10 +297,12 @@ def u8_gemm(
     )
 
 
-def lowbit_linear(x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize x on the fly and run the GEMM matching the weights' layout."""
+def lowbit_linear(
+    x: torch.Tensor, w: LowbitWeights, abits: int, bias: torch.Tensor | None = None, impl: str | None = None
+) -> torch.Tensor:
+    """Quantize x on the fly and run the GEMM matching the weights' layout (`impl`: see its GEMM)."""
     a = quantize_activations(x, abits, w.segments, w.layout)
-    return bitplane_gemm(a, w, bias) if w.layout == "planes" else u8_gemm(a, w, bias)
+    return (bitplane_gemm if w.layout == "planes" else u8_gemm)(a, w, bias, impl=impl)
 
 
 def _gshift(w: WOnlyWeights) -> int:
@@ -266,7 +314,8 @@ def _wonly_args(w: WOnlyWeights):
     """The packed-weight pointers every weight-only kernel takes first, and the group shift."""
     if w.scales.dtype != torch.float16 or w.zeros.dtype != torch.uint8:
         raise QtoolError(
-            f"weight-only kernels take fp16 scales and uint8 zeros, got {w.scales.dtype} and {w.zeros.dtype}: pack with pack_wonly"
+            f"weight-only kernels take fp16 scales and uint8 zeros, got {w.scales.dtype} and {w.zeros.dtype}: "
+            "pack with pack_wonly"
         )
     return (rt.ptr(w.data), rt.ptr(w.hi), rt.ptr(w.scales), rt.ptr(w.zeros)), _gshift(w)
 
@@ -314,11 +363,16 @@ def _simt_fits(w: WOnlyWeights, m: int, gated: bool = False, norm: bool = False)
     return _simt_smem(w, m, gated, norm) + 1024 <= optin
 
 
-def w_only_impl(m: int, w: WOnlyWeights) -> str:
-    """The weight-only kernel w_only_gemm runs on the GPU at M rows: 'simt', 'mma' or 'dequant'."""
-    if m > GEMV_MAX_M:
-        return "dequant"
-    return "simt" if m <= SIMT_MAX_M[w.bits] and _simt_fits(w, m) else "mma"
+def w_only_impl(m: int, w: WOnlyWeights, a_bits: int | None = None, gated: bool = False, norm: bool = False) -> str:
+    """The weight-only kernel w_only_gemm runs on the GPU at M rows ('simt', 'mma' or 'dequant'), x
+    quantized per token to a_bits in it (None: not), with the prologue's operands (gated, norm): the
+    chooser's path (chooser.choose_path), except where that kernel cannot run: the SIMT GEMV without
+    room in shared memory for them gives way to the mma GEMV, which takes at most GEMV_ROWS rows
+    (dequant above)."""
+    impl = chooser.choose_path("wonly", w.bits, a_bits or 16, w.group, m, w.n, w.k, _device(w.data))
+    if impl == "simt" and not _simt_fits(w, m, gated, norm):
+        impl = "mma"
+    return "dequant" if impl == "mma" and m > GEMV_ROWS else impl
 
 
 _SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
@@ -426,7 +480,7 @@ def w_only_gemm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x' @ w_hat^T + bias (+ residual) for fp16/bf16 x [M, K]. On the GPU, `impl` (default:
-    w_only_impl) picks the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_MAX_M),
+    w_only_impl) picks the SIMT GEMV ('simt', small M), the tensor-core GEMV ('mma', M <= GEMV_ROWS),
     or one dequantization to x's dtype followed by torch (cuBLAS) matmul ('dequant').
 
     x' is x after the ops a decoder runs in front of a linear (reference.wonly_prologue_ref): `gated`
@@ -449,11 +503,9 @@ def w_only_gemm(
     rt.type_tag(x.dtype)  # fp16/bf16 only
     m = x.shape[0]
     if impl is None:
-        impl = w_only_impl(m, w)
-        if impl == "simt" and not _simt_fits(w, m, gated, norm is not None):  # no room for the prologue's operands
-            impl = "mma" if m <= GEMV_MAX_M else "dequant"
-    if impl == "mma" and m > GEMV_MAX_M:
-        raise QtoolError(f"the mma GEMV takes M <= {GEMV_MAX_M}, got M={m}: use impl='simt' or 'dequant'")
+        impl = w_only_impl(m, w, a_bits, gated, norm is not None)
+    if impl == "mma" and m > GEMV_ROWS:
+        raise QtoolError(f"the mma GEMV takes M <= {GEMV_ROWS}, got M={m}: use impl='simt' or 'dequant'")
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
     if impl != "simt":

@@ -1,12 +1,13 @@
 """PackedLinear: a block linear holding its weights in a kernel layout instead of floats.
 
 On a GPU it calls the kernels (weight-only GEMV/GEMM, or activation quantize-and-pack followed by
-the u8 / bit-plane GEMM); on the CPU it runs the torch reference of the same quantized product:
-weights dequantized from the packed codes with the stage's fp32 scales, activations fake-quantized
-by the stage's own quantizer, so a packed model on the CPU reproduces its stage exactly; so does a
-GPU model run in fp32 before `to_kernel_form` (`qtool eval --dtype float32`). Where the
-spec quantizes the KV cache, the key and value projections quantize their outputs the same way on
-both devices.
+the u8 / bit-plane GEMM): the one kernels.chooser picks for the layer's shape (`kernel_path`), in the
+layout the chooser picked at pack time (`choose_layout`, re-exported here). On the CPU it runs the
+torch reference of the same quantized product: weights dequantized from the packed codes with the
+stage's fp32 scales, activations fake-quantized by the stage's own quantizer, so a packed model on the
+CPU reproduces its stage exactly; so does a GPU model run in fp32 before `to_kernel_form` (`qtool eval
+--dtype float32`). Where the spec quantizes the KV cache, the key and value projections quantize their
+outputs the same way on both devices.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from qtool.core.errors import QtoolError
 from qtool.core.quantizer import dequantize_weight, fake_quant_per_token
 from qtool.core.spec import QuantSpec
 from qtool.kernels import reference
+from qtool.kernels.chooser import LAYOUTS, choose_layout  # noqa: F401 (re-exported: the layout rule lives there)
 from qtool.kernels.layouts import (
-    WONLY_BITS,
     LowbitWeights,
     WOnlyWeights,
     unpack_planes,
@@ -30,49 +31,6 @@ from qtool.kernels.layouts import (
 from qtool.kernels.segments import make_segments
 from qtool.quant.fakequant import ActQuantizer, fake_quant_clusters
 from qtool.runtime.fusion import fused
-
-LAYOUTS = ("wonly", "u8", "planes")
-
-
-def choose_layout(spec: QuantSpec, layout: str = "auto") -> str:
-    """The kernel layout a spec packs into, or a one-line error when no kernel runs it.
-
-    auto: the weight-only layout wherever it holds the weight width, also for specs that quantize
-    activations (quantized on the fly, then multiplied in 16 bits against the packed weights): on
-    the H100 it beat the integer GEMMs at every batch size we measured (benchmarks/results/), and it
-    stores 2-bit weights in 2 bits. u8 (integer tensor cores, W <= 4) and planes (bit-plane
-    binary GEMM) run activations as integers."""
-    bits = spec.w_storage_bits
-    if layout not in ("auto", *LAYOUTS):
-        raise QtoolError(f"unknown layout {layout!r}: use auto, {', '.join(LAYOUTS)}")
-    if not spec.quantizes_weights:
-        raise QtoolError(f"{spec.name} leaves the weights in float: pack a quantized spec, e.g. --spec W4A16-g128")
-    if spec.quantizes_activations and spec.a_granularity == "tensor":
-        raise QtoolError(
-            f"{spec.name}: no kernel takes per-tensor activation ranges; pack per-token (drop -tensor) or -cluster-dynamic"
-        )
-    if spec.uses_ranges and spec.a_static:
-        raise QtoolError(
-            f"{spec.name} uses static activation ranges, which no kernel supports: pack the dynamic variant ({spec.name}-dynamic)"
-        )
-    if spec.quantizes_activations and spec.a_bits > 8:
-        raise QtoolError(f"{spec.name}: packed kernels take activations of at most 8 bits")
-    if layout == "auto":
-        layout = "wonly" if bits in WONLY_BITS else "planes" if spec.quantizes_activations else None
-        if layout is None:
-            raise QtoolError(
-                f"{spec.name}: weight-only kernels exist for {WONLY_BITS} bits, not {bits}; quantize to one of those"
-            )
-    if layout == "wonly" and bits not in WONLY_BITS:
-        raise QtoolError(f"{spec.name}: the weight-only layout holds {WONLY_BITS} bits, not {bits}; use --layout auto")
-    if layout in ("u8", "planes"):
-        if not spec.quantizes_activations:
-            raise QtoolError(
-                f"{spec.name} keeps activations in 16 bits: the {layout} layout needs an activation spec (e.g. W4A8); use --layout wonly"
-            )
-        if layout == "u8" and bits > 4:
-            raise QtoolError(f"{spec.name}: the u8 layout holds weights of at most 4 bits; use --layout planes")
-    return layout
 
 
 class PackedLinear(nn.Module):
@@ -272,6 +230,15 @@ class PackedLinear(nn.Module):
             and kernels.ops.simt_mode(self.bits, groups, self.a_bits, True) == kernels.ops.SIMT_CODES
         )
 
+    def kernel_path(self, m: int, a_bits: int | None = None, norm: bool = False) -> str:
+        """The kernel the GPU forward runs for M rows (a_bits: x quantized per token in the weight-only
+        GEMV; norm: the RMSNorm applied in it): the chooser's path (kernels.chooser.choose_path) as
+        kernels.ops admits it (ops.w_only_impl, ops.lowbit_impl)."""
+        w = self._kernel_weights()
+        if self.layout == "wonly":
+            return kernels.ops.w_only_impl(m, w, a_bits, norm=norm)
+        return kernels.ops.lowbit_impl(m, w, self.a_bits)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -329,16 +296,18 @@ class PackedLinear(nn.Module):
             x = x.half()  # the kernels compute on 16-bit activations
             residual = None if residual is None else residual.half()
         w = self._kernel_weights()
+        impl = self.kernel_path(x.shape[0], a_bits, norm is not None)
         if self.layout == "wonly":
-            y = kernels.w_only_gemm(x, w, self.bias, a_bits=a_bits, norm=norm, residual=residual)
+            y = kernels.w_only_gemm(x, w, self.bias, impl=impl, a_bits=a_bits, norm=norm, residual=residual)
         else:
-            y = kernels.lowbit_linear(x, w, self.a_bits, self.bias)
+            y = kernels.lowbit_linear(x, w, self.a_bits, self.bias, impl=impl)
         return y.to(dtype)
 
     def extra_repr(self) -> str:
         a = f", a_bits={self.a_bits}" if self.a_bits < 16 else ""
         kv = f", kv_bits={self.kv_bits}" if self.kv_bits < 16 else ""
-        return f"in={self.in_features}, out={self.out_features}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
+        shape = f"in={self.in_features}, out={self.out_features}"
+        return f"{shape}, layout={self.layout}, bits={self.bits}, group={self.group}{a}{kv}"
 
 
 _quantize = fused(fake_quant_clusters)

@@ -1,16 +1,22 @@
 """Kernel benchmark: time every path beside torch fp16 matmul and torch._int_mm in the same run.
 
+A path 'wPaQ' runs what a packed linear of that spec runs: the layout `qtool pack --layout auto` writes
+and, at each M, the kernel kernels.chooser picks (as kernels.ops admits it); 'wPaQ:LAYOUT' takes another
+layout (wonly, u8, planes; 'bitplane' is planes), 'wPaQ:KERNEL' forces one of chooser.PATHS. With
+activation bits (Q < 16) the time includes quantizing x, as the runtime does it (in the weight-only GEMV
+or before the u8 / bit-plane GEMM). `--tune` also times every kernel of every layout that holds the bit
+widths and writes the chooser's table (kernels.chooser.write_table).
+
 Timing: CUDA events around a batch of back-to-back launches while a preceding sleep kernel keeps the
 queue full (so host launch overhead is not measured), warm-up first, median over batches of the per-call
-time; weights are rotated among copies totalling > 2x L2 so small-M runs stream from HBM. Roofline: weight bytes / measured D2D copy bandwidth
-for M <= 16; for larger M the dense tensor peak of the instruction used (H100 figures below).
-Run as `python -m qtool.bench.kernels --help` or `qtool bench kernels`.
+time; weights are rotated among copies totalling > 2x L2 so small-M runs stream from HBM. Roofline:
+weight bytes / measured D2D copy bandwidth for M <= 16; for larger M the dense tensor peak of the
+instruction used (H100 figures below). Run as `qtool bench kernels` (or `python -m qtool.bench kernels`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -19,10 +25,12 @@ from pathlib import Path
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.kernels import chooser
 
 DEFAULT_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192")
 DEFAULT_M = (1, 4, 16, 64, 256, 1024, 4096)
 DEFAULT_PATHS = ("fp16", "int_mm", "w4a16", "w2a16", "w3a16", "w8a16", "w2a8", "w2a2", "w4a4")
+DEFAULT_GROUP = 128
 TENSOR_PEAK = {"f16": 655e12, "s8": 1320e12, "b1": 10200e12}  # measured H100 mma.sync rates (ops/s)
 L2_BYTES = 50 << 20
 SMALL_M = 16
@@ -33,6 +41,7 @@ class Case:
     """One benchmarked path at one shape: the callable to time and what it moves / computes."""
 
     path: str
+    layout: str  # '' for the torch baselines
     impl: str
     run: object
     weight_bytes: int
@@ -51,14 +60,29 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def parse_path(path: str) -> tuple[int, int, str | None]:
-    """'w4a16' -> (4, 16, None); 'w2a8:bitplane' -> (2, 8, 'bitplane')."""
-    name, _, impl = path.partition(":")
+def parse_path(path: str) -> tuple[int, int, str | None, str | None]:
+    """(wbits, abits, layout, forced kernel): 'w4a16' -> (4, 16, 'wonly', None) (the layout pack's
+    auto writes), 'w2a8:u8' -> (2, 8, 'u8', None), 'w2a2:bitplane' -> (2, 2, 'planes', None),
+    'w4a16:mma' -> (4, 16, 'wonly', 'mma'); layout None where no kernel holds the bit widths."""
+    name, _, sel = path.partition(":")
     try:
-        w, a = name[1:].split("a")
-        return int(w), int(a), impl or None
+        w, a = name.removeprefix("w").split("a") if name.startswith("w") else ("", "")
+        wbits, abits = int(w), int(a)
     except ValueError as e:
         raise QtoolError(f"bad path {path!r}: use fp16, int_mm, or wPaQ such as w4a16, w2a8, w2a2:bitplane") from e
+    if abits != 16 and not 1 <= abits <= 8:
+        raise QtoolError(f"bad path {path!r}: activation bits are 16 (float) or 1..8")
+    sel = "planes" if sel == "bitplane" else sel
+    if not sel:
+        return wbits, abits, chooser.auto_layout(wbits, abits), None
+    if sel in chooser.LAYOUTS:
+        return wbits, abits, sel, None
+    if sel in chooser.LAYOUT_OF:
+        return wbits, abits, chooser.LAYOUT_OF[sel], sel
+    kernels = ", ".join(p for paths in chooser.PATHS.values() for p in paths)
+    raise QtoolError(
+        f"bad path {path!r}: after ':' name a layout ({', '.join(chooser.LAYOUTS)}) or a kernel ({kernels})"
+    )
 
 
 def time_us(fn, reps: int = 30, warmup: int = 3, batches: int = 3) -> float:
@@ -100,63 +124,84 @@ def _random_codes(n, k, bits, gen_dev):
     return torch.randint(0, 2**bits, (n, k), device=gen_dev)
 
 
-def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | None:
-    """A Case for `path` at (M, N, K), or None where the path does not apply (e.g. _int_mm at M <= 16)."""
+def _packed_copies(pack) -> list:
+    """pack() called as often as needed for copies totalling > 2x L2 (small-M runs stream from HBM)."""
+    ws = [pack()]
+    return ws + [pack() for _ in range(_copies(ws[0].nbytes) - 1)]
+
+
+def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor, group: int | None = DEFAULT_GROUP) -> Case | None:
+    """A Case for `path` at (M, N, K), weights in groups of `group` along K (None: per channel), or
+    None where the path does not apply (_int_mm at M <= 16, bit widths no kernel of the layout holds,
+    a forced kernel that cannot run M rows)."""
     from qtool import kernels as qk
 
     dev = x.device
     if path == "fp16":
         w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(_copies(2 * n * k))]
-        return Case(path, "torch.matmul", lambda i: x @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
+        return Case(path, "", "torch.matmul", lambda i: x @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
     if path == "int_mm":
         if m <= SMALL_M or m % 8 or k % 8 or n % 8:
             return None
         xi = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=dev)
         # weights [N, K] row-major, passed transposed: cuBLASLt's fast int8 kernels need B column-major
         w = [torch.randint(-128, 127, (n, k), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
-        return Case(path, "torch._int_mm", lambda i: torch._int_mm(xi, w[i % len(w)].t()), n * k, TENSOR_PEAK["s8"])
-    wbits, abits, impl = parse_path(path)
-    impl = impl or qk.choose(wbits, abits, m, n, k, table={})
-    group = 128
-    scales = torch.rand(n, k // group, device=dev) * 0.01 + 0.001
-    zeros = torch.randint(0, 2**wbits, (n, k // group), device=dev).float()
-    if abits >= 16:
-        ws = [qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)]
-        ws += [
-            qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group)
-            for _ in range(_copies(ws[0].nbytes) - 1)
-        ]
-        impl = {"simt": "wonly_gemv_simt", "mma": "wonly_gemv", "dequant": "wonly_dequant_mm"}[
-            qk.ops.w_only_impl(m, ws[0])
-        ]
-        return Case(path, impl, lambda i: qk.w_only_gemm(x, ws[i % len(ws)]), ws[0].nbytes, TENSOR_PEAK["f16"])
-    layout = "planes" if impl == "bitplane" else "u8"
-    if layout == "u8" and wbits > 4:
+        return Case(path, "", "torch._int_mm", lambda i: torch._int_mm(xi, w[i % len(w)].t()), n * k, TENSOR_PEAK["s8"])
+    wbits, abits, layout, forced = parse_path(path)
+    if layout is None or not chooser.holds(layout, wbits, abits):
         return None
-    w0 = qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
-    ws = [w0] + [
-        qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
-        for _ in range(_copies(w0.nbytes) - 1)
-    ]
-    a = qk.quantize_activations(x, abits, w0.segments, layout)
-    run = (
-        (lambda i: qk.bitplane_gemm(a, ws[i % len(ws)]))
-        if layout == "planes"
-        else (lambda i: qk.u8_gemm(a, ws[i % len(ws)]))
+    groups = -(-k // (group or k))
+    scales = torch.rand(n, groups, device=dev) * 0.01 + 0.001
+    zeros = torch.randint(0, 2**wbits, (n, groups), device=dev).float()
+    if layout == "wonly":
+        a_bits = abits if abits < 16 else None  # quantized per token in the GEMV, as PackedLinear runs it
+        ws = _packed_copies(lambda: qk.pack_wonly(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group))
+        impl = forced or qk.ops.w_only_impl(m, ws[0], a_bits)
+        if (impl == "simt" and not qk.ops._simt_fits(ws[0], m)) or (impl == "mma" and m > qk.ops.GEMV_ROWS):
+            return None
+
+        def run(i):
+            return qk.w_only_gemm(x, ws[i % len(ws)], impl=impl, a_bits=a_bits)
+
+        return Case(path, layout, impl, run, ws[0].nbytes, TENSOR_PEAK["f16"])
+    ws = _packed_copies(
+        lambda: qk.pack_lowbit(_random_codes(n, k, wbits, dev), wbits, scales, zeros, group, None, layout)
     )
+    impl = forced or qk.ops.lowbit_impl(m, ws[0], abits)
+    if impl == "bitplane_gemv" and m > qk.ops.GEMV_ROWS:
+        return None
+
+    def run_lowbit(i):  # x quantized on every call, as PackedLinear runs it
+        return qk.lowbit_linear(x, ws[i % len(ws)], abits, impl=impl)
+
     if layout == "planes":
-        return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["b1"], ops_factor=wbits * abits)
-    return Case(path, impl, run, w0.nbytes, TENSOR_PEAK["s8"])
+        return Case(path, layout, impl, run_lowbit, ws[0].nbytes, TENSOR_PEAK["b1"], ops_factor=wbits * abits)
+    return Case(path, layout, impl, run_lowbit, ws[0].nbytes, TENSOR_PEAK["s8"])
 
 
-def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 30) -> dict:
+def tune_paths(paths: list[str]) -> list[str]:
+    """Every kernel of every layout that holds each plain 'wPaQ' path's bit widths, as 'wPaQ:KERNEL'."""
+    out = []
+    for p in paths:
+        if p.startswith("w") and ":" not in p:
+            wbits, abits, _, _ = parse_path(p)
+            out += [f"{p}:{kernel}" for layout in chooser.layouts_for(wbits, abits) for kernel in chooser.PATHS[layout]]
+    return out
+
+
+def run_bench(
+    shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 30, group: int | None = DEFAULT_GROUP
+) -> dict:
+    for p in paths:
+        if p not in ("fp16", "int_mm"):
+            parse_path(p)  # a bad path fails before any timing
     if not torch.cuda.is_available():
         raise QtoolError("kernel benchmarks need a CUDA GPU: run on the GPU machine")
     out_dir.mkdir(parents=True, exist_ok=True)
     bw = copy_bandwidth()
     rows, table = [], []
     csv_path = out_dir / "kernels_bench.csv"
-    fields = ["n", "k", "m", "path", "impl", "us", "tops", "tbps", "roofline_pct", "x_fp16", "x_int_mm"]
+    fields = ["n", "k", "m", "path", "layout", "impl", "us", "tops", "tbps", "roofline_pct", "x_fp16", "x_int_mm"]
     csv_file = csv_path.open("w", newline="")  # rows are flushed as measured, so a cut-off run keeps them
     writer = csv.DictWriter(csv_file, fieldnames=fields)
     writer.writeheader()
@@ -164,16 +209,9 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = {}
-            todo = list(dict.fromkeys(["fp16", "int_mm", *paths]))
-            if tune:
-                todo += [
-                    f"{p.partition(':')[0]}:{impl}"
-                    for p in paths
-                    if p.startswith("w") and not p.endswith("16")
-                    for impl in ("bitplane", "u8")
-                ]
+            todo = ["fp16", "int_mm", *paths, *(tune_paths(paths) if tune else [])]
             for path in dict.fromkeys(todo):
-                case = build_case(path, n, k, m, x)
+                case = build_case(path, n, k, m, x, group)
                 if case is None:
                     continue
                 us = time_us(case.run, reps=reps)
@@ -187,6 +225,7 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
                     k=k,
                     m=m,
                     path=path,
+                    layout=case.layout,
                     impl=case.impl,
                     us=round(us, 2),
                     tops=round(2 * macs / us / 1e6, 2),
@@ -199,13 +238,15 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
                 writer.writerow(row)
                 csv_file.flush()
                 print(
-                    f"{n}x{k} M={m:5d} {path:16s} {case.impl:18s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
+                    f"{n}x{k} M={m:5d} {path:18s} {case.impl:16s} {us:10.1f} us  {row['tops']:8.1f} TOPS  "
                     f"{row['tbps']:6.3f} TB/s  {row['roofline_pct']:5.1f}% roof  {row['x_fp16']}x fp16",
                     flush=True,
                 )
-                if path.startswith("w"):
-                    wb, ab, _ = parse_path(path)
-                    table.append(dict(wbits=wb, abits=ab, m=m, n=n, k=k, path=case.impl, us=round(us, 2)))
+                if case.layout:
+                    wb, ab, _, _ = parse_path(path)
+                    g = chooser.group_key(group, k)
+                    entry = dict(layout=case.layout, wbits=wb, abits=ab, group=g, m=m, n=n, k=k, path=case.impl)
+                    table.append({**entry, "us": round(us, 2)})
                 del case
             torch.cuda.empty_cache()
     csv_file.close()
@@ -217,12 +258,7 @@ def run_bench(shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 
         "device": torch.cuda.get_device_name(),
     }
     if tune:
-        from qtool.kernels.chooser import table_path
-
-        tp = table_path()
-        tp.parent.mkdir(parents=True, exist_ok=True)
-        tp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "entries": table}, indent=1))
-        result["table"] = str(tp)
+        result["table"] = str(chooser.write_table(table, torch.cuda.get_device_name()))
     # the rows' own ratios (baseline time / path time), so the summary cannot disagree with the CSV
     result["speedups"] = {
         f"{r['path']} {r['n']}x{r['k']} M={r['m']}": {b: r[b] for b in ("x_fp16", "x_int_mm") if r[b] != ""}
@@ -260,15 +296,3 @@ def plot(rows: list[dict], path: Path) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return str(path)
-
-
-def main(argv=None) -> None:
-    from qtool.bench.cli import app
-
-    app(args=["kernels", *(argv or [])] if argv is not None else None, prog_name="qtool.bench.kernels")
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
