@@ -24,7 +24,7 @@ timeout 250 python3 -m pytest -q tests/kernels 2>&1 | tee "$OUT/kernel_tests.log
   done
 } 2>&1 | tee "$OUT/sass_counts.txt"
 
-timeout 190 python3 -m qtool.bench.kernels \
+timeout 190 python3 -m qtool.bench kernels \
   --shapes 4096x11008,8192x8192,28672x8192 --m 1,4,16,64,256,1024,4096 \
   --paths fp16,int_mm,w4a16,w2a16,w3a16,w8a16,w2a8,w2a8:bitplane,w2a2,w2a2:bitplane,w4a4 \
   --reps 10 --out "$OUT" --json 2>&1 | tee "$OUT/bench.log"

@@ -17,7 +17,6 @@ from qtool.core.paths import cache_dir
 from qtool.core.quantizer import quantize_weight
 from qtool.core.spec import parse_spec
 from qtool.kernels import chooser, ops
-from qtool.runtime import packed_linear
 from qtool.runtime.packed_linear import PackedLinear
 
 N, K = 64, 256  # the layer every table below describes
@@ -89,7 +88,7 @@ def test_default_rule_refuses_what_no_kernel_runs(cache):
 
 # -- the layout (pack) -------------------------------------------------------------------------------
 def test_choose_layout_lives_in_the_chooser_and_keeps_its_messages():
-    assert packed_linear.choose_layout is chooser.choose_layout is kernels.choose_layout
+    assert kernels.choose_layout is chooser.choose_layout
     assert [chooser.choose_layout(parse_spec(s)) for s in ("W4A16-g128", "W3A8-g32", "W6A8", "W2*A16-g32")] == [
         "wonly",
         "wonly",

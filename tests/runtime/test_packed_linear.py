@@ -10,7 +10,8 @@ from qtool import kernels
 from qtool.core.quantizer import fake_quant_weight, quantize_weight
 from qtool.core.spec import parse_spec
 from qtool.kernels import reference
-from qtool.runtime.packed_linear import PackedLinear, choose_layout
+from qtool.kernels.chooser import choose_layout
+from qtool.runtime.packed_linear import PackedLinear
 from qtool.runtime.packed_model import load_packed
 from qtool.stages.pack import PackParams, pack
 

@@ -2,7 +2,7 @@
 
 On a GPU it calls the kernels (weight-only GEMV/GEMM, or activation quantize-and-pack followed by
 the u8 / bit-plane GEMM): the one kernels.chooser picks for the layer's shape (`kernel_path`), in the
-layout the chooser picked at pack time (`choose_layout`, re-exported here). On the CPU it runs the
+layout the chooser picked at pack time (`qtool.kernels.chooser.choose_layout`). On the CPU it runs the
 torch reference of the same quantized product: weights dequantized from the packed codes with the
 stage's fp32 scales, activations fake-quantized by the stage's own quantizer, so a packed model on the
 CPU reproduces its stage exactly; so does a GPU model run in fp32 before `to_kernel_form` (`qtool eval
@@ -20,7 +20,6 @@ from qtool.core.errors import QtoolError
 from qtool.core.quantizer import dequantize_weight, fake_quant_per_token
 from qtool.core.spec import QuantSpec
 from qtool.kernels import reference
-from qtool.kernels.chooser import LAYOUTS, choose_layout  # noqa: F401 (re-exported: the layout rule lives there)
 from qtool.kernels.layouts import (
     LowbitWeights,
     WOnlyWeights,

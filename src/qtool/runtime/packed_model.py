@@ -19,9 +19,10 @@ from qtool.core.checkpoint import layer_key, load_tensors
 from qtool.core.errors import QtoolError
 from qtool.core.quantizer import quantize_weight
 from qtool.core.spec import QuantSpec, parse_spec
+from qtool.kernels.chooser import choose_layout
 from qtool.models.adapters import Adapter, adapter_for
 from qtool.runtime.gathers import NormGather
-from qtool.runtime.packed_linear import PackedLinear, choose_layout
+from qtool.runtime.packed_linear import PackedLinear
 
 QUANT_METHOD = "qtool"
 PACK_FORMAT = 1

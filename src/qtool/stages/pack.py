@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from qtool.core.devices import DTYPES, cast_parameters, pick_dtype
 from qtool.core.errors import QtoolError
 from qtool.core.spec import parse_spec
+from qtool.kernels.chooser import LAYOUTS
 from qtool.quant.qparams import learned_qparams
 from qtool.quant.rptq import cluster_bounds
-from qtool.runtime.packed_linear import LAYOUTS, PackedLinear
+from qtool.runtime.packed_linear import PackedLinear
 from qtool.runtime.packed_model import WEIGHTS, pack_model, read_quantization_config, save_packed
 from qtool.stages.base import Run, Stage, StageParams, StageResult, param
 
