@@ -101,3 +101,24 @@ def test_bad_input_is_one_line_error(capsys, monkeypatch, bad_inputs, case):
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert message in lines[0]
     assert "Traceback" not in err + out
+
+
+def test_an_empty_spec_is_refused_not_read_as_float(capsys, monkeypatch, tiny_dir):
+    code, _, err = run_cli(capsys, monkeypatch, "eval", tiny_dir, "--spec", "", "--device", "cpu")
+    assert code == 2 and err.strip().startswith("error: empty quantization spec")
+
+
+def test_an_unexpected_exception_is_one_line_and_its_trace_is_kept(capsys, monkeypatch, tiny_dir, tmp_path):
+    from qtool.stages.calibrate import Calibrate
+
+    def broken(self, run):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(Calibrate, "work", broken)
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, monkeypatch, "calibrate", tiny_dir, "-o", tmp_path / "c", "--device", "cpu")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err + out
+    assert lines[0].startswith("error: unexpected ZeroDivisionError: planted (a bug in qtool; full trace in ")
+    (trace,) = (tmp_path / "cache" / "errors").iterdir()
+    assert str(trace) in lines[0].replace("\n", "") and "raise ZeroDivisionError" in trace.read_text()

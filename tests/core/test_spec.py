@@ -51,3 +51,21 @@ def test_invalid_specs_raise_clear_errors(bad):
 def test_dataclass_validation():
     with pytest.raises(QtoolError):
         QuantSpec(a_granularity="channel")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("W4A16-g0", "group size must be >= 1, got 'g0'"),
+        ("W4A16-sym-sym", "'sym' repeats the sym"),
+        ("W4A16-g64-g128", "'g128' repeats the group size (g64)"),
+        ("W4A8-token-tensor", "'tensor' repeats the activation granularity (token)"),
+        ("W4A8-static-dynamic", "'dynamic' repeats the static/dynamic (static)"),
+        ("W4A16--g64", "unknown option ''"),
+        ("   ", "empty quantization spec"),
+    ],
+)
+def test_the_grammar_is_strict(bad, message):
+    with pytest.raises(QtoolError) as info:
+        parse_spec(bad)
+    assert message in str(info.value)

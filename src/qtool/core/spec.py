@@ -127,18 +127,30 @@ def parse_spec(text: str) -> QuantSpec:
     w_bits, star, a_bits, kv_bits = int(core[1]), bool(core[2]), int(core[3]), int(core[4] or FLOAT)
     fields: dict = dict(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, bit_balance=star, w_sym=star)
     static = None
+    seen: dict[str, str] = {}  # option kind -> the option that set it (each kind at most once)
     for opt in options:
         low = opt.lower()
         if _GROUP.match(low):
+            kind = "group size"
             fields["group"] = int(low[1:])
+            if fields["group"] < 1:
+                raise QtoolError(f"invalid quantization spec '{text}': group size must be >= 1, got '{opt}'; {_HELP}")
         elif low == "sym":
+            kind = "sym"
             fields["w_sym"] = True
         elif low in _GRANULARITY:
+            kind = "activation granularity"
             fields["a_granularity"] = low
         elif low in ("static", "dynamic"):
+            kind = "static/dynamic"
             static = low == "static"
         else:
             raise QtoolError(f"invalid quantization spec '{text}': unknown option '{opt}'; {_HELP}")
+        if kind in seen:
+            raise QtoolError(
+                f"invalid quantization spec '{text}': '{opt}' repeats the {kind} ({seen[kind]}); {_HELP}"
+            )
+        seen[kind] = opt
     granularity = fields.get("a_granularity", "token")
     fields["a_static"] = _default_static(granularity) if static is None else static
     return QuantSpec(**fields)
