@@ -147,9 +147,7 @@ def parse_spec(text: str) -> QuantSpec:
         else:
             raise QtoolError(f"invalid quantization spec '{text}': unknown option '{opt}'; {_HELP}")
         if kind in seen:
-            raise QtoolError(
-                f"invalid quantization spec '{text}': '{opt}' repeats the {kind} ({seen[kind]}); {_HELP}"
-            )
+            raise QtoolError(f"invalid quantization spec '{text}': '{opt}' repeats the {kind} ({seen[kind]}); {_HELP}")
         seen[kind] = opt
     granularity = fields.get("a_granularity", "token")
     fields["a_static"] = _default_static(granularity) if static is None else static
