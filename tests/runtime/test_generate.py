@@ -57,3 +57,31 @@ def test_qtool_generate_cli_continues_like_transformers_greedy(tiny_dir, tmp_pat
         want = opt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
     row = generate_text(str(tmp_path / "opt"), prompt, 4, device="cpu")
     assert row["runtime"] == "transformers" and row["text"] == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_prompt_longer_than_the_context_is_refused_before_loading(tiny_dir, monkeypatch):
+    """prompt + new tokens > max_position_embeddings: one line, and the model is never loaded."""
+    import json
+
+    import pytest
+
+    import qtool.runtime.loader as loader
+    from qtool.core.errors import QtoolError
+    from qtool.models.loading import load_tokenizer
+    from qtool.runtime.generate import generate_text
+
+    context = json.loads((tiny_dir / "config.json").read_text())["max_position_embeddings"]
+    prompt = "hello " * (context + 10)
+    tokens = len(load_tokenizer(tiny_dir)(prompt).input_ids)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(QtoolError) as info:
+        generate_text(str(tiny_dir), prompt, 4, device="cpu")
+    assert str(info.value) == (
+        f"prompt is {tokens} tokens + 4 new > the model's context {context}; "
+        "shorten the prompt or lower --max-new-tokens"
+    )
+    short = len(load_tokenizer(tiny_dir)("hello world").input_ids)
+    with pytest.raises(
+        QtoolError, match=rf"prompt is {short} tokens \+ {context + 1 - short} new > the model's context"
+    ):
+        generate_text(str(tiny_dir), "hello world", context + 1 - short, device="cpu")

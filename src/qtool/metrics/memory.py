@@ -9,7 +9,6 @@ static per-cluster ranges (RPTQ's `-cluster`), whose few scales per layer are no
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,20 +92,22 @@ def memory_report(config, adapter: Adapter, spec: QuantSpec, batch: int = 1, seq
 
 
 def load_config(ref: str):
-    """A transformers config from a config.json file, or from a model id or directory."""
+    """A transformers config from a config.json file, or from a model id or directory. Both are
+    checked first (`models.loading.read_config`): invalid JSON, a missing or unsupported model_type
+    and custom code (auto_map) are one-line errors."""
     from transformers import AutoConfig
+
+    from qtool.models.loading import read_config, resolve_model
 
     path = Path(ref)
     if path.suffix == ".json" and path.is_file():
+        fields = read_config(path)
         try:
-            fields = json.loads(path.read_text())
             return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             raise QtoolError(
                 f"{path} is not a model config ({type(exc).__name__}: {exc}); give a config.json with model_type"
             ) from None
-    from qtool.models.loading import resolve_model
-
     return AutoConfig.from_pretrained(resolve_model(ref))
 
 

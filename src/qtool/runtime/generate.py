@@ -4,14 +4,29 @@ Decoder (static cache, CUDA-graph steps) where the family has one, transformers'
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from qtool.core.errors import QtoolError
 
 
+def check_context(path: Path, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before loading the model, a prompt plus new tokens longer than the model's context
+    (`max_position_embeddings` of its config.json; no limit when the config names none)."""
+    from qtool.models.loading import read_config
+
+    context = read_config(Path(path) / "config.json").get("max_position_embeddings")
+    if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
+        raise QtoolError(
+            f"prompt is {prompt_tokens} tokens + {max_new_tokens} new > the model's context {context}; "
+            "shorten the prompt or lower --max-new-tokens"
+        )
+
+
 def generate_text(model_ref: str, prompt: str, max_new_tokens: int, device: str = "auto", dtype: str = "auto") -> dict:
     from qtool.core.devices import pick_device, pick_dtype
+    from qtool.models.loading import load_tokenizer
     from qtool.runtime.decoder import Decoder
     from qtool.runtime.loader import load, open_source
     from qtool.runtime.packed_model import to_kernel_form
@@ -21,6 +36,7 @@ def generate_text(model_ref: str, prompt: str, max_new_tokens: int, device: str 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype if dtype != "auto" else ("float16" if dev.type == "cuda" else "float32"))
     source = open_source(model_ref)
+    check_context(source.path, len(load_tokenizer(source.path)(prompt).input_ids), max_new_tokens)
     model, tokenizer = load(source, torch_dtype)
     model.to(dev)
     if dev.type == "cuda":

@@ -6,16 +6,19 @@ import torch
 
 from qtool.core.checkpoint import StageDir, check_model_files, open_stage
 from qtool.models.adapters import adapter_for
-from qtool.models.loading import load_model, load_tokenizer, resolve_model
+from qtool.models.loading import check_weight_shapes, load_model, load_tokenizer, resolve_model
 from qtool.runtime.gathers import install_gathers
 from qtool.runtime.packed_model import load_packed, read_quantization_config
 
 
 def open_source(ref: str) -> StageDir:
-    """Resolve a model reference to a checked model or stage directory."""
+    """Resolve a model reference to a checked model or stage directory: every hostile input (broken or
+    unsupported config.json, custom code, pickle files, corrupt weights, a config that disagrees with
+    the weights' shapes) is refused here in one line, before any command does work."""
     path = resolve_model(ref)
     stage = open_stage(path)
     check_model_files(path)
+    check_weight_shapes(path)
     return stage
 
 

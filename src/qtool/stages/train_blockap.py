@@ -72,6 +72,10 @@ class TrainBlockAP(Stage):
     help = "Block-wise training of the quantized model; saves folded weights and learned scales/zeros."
 
     def check(self, params: BlockAPParams, source) -> None:
+        from qtool.runtime.packed_model import read_quantization_config
+
+        if read_quantization_config(source.path) is not None:
+            raise QtoolError(f"{source.path} is a packed checkpoint; train the stage it was packed from")
         spec = parse_spec(params.spec)
         if spec.is_float:
             raise QtoolError(f"{spec.name} quantizes nothing; give a spec such as W4A16-g128 or W4A4")

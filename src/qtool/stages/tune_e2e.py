@@ -100,6 +100,10 @@ class TuneE2E(Stage):
     model_help = "A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."
 
     def check(self, params: TuneE2EParams, source) -> None:
+        from qtool.runtime.packed_model import read_quantization_config
+
+        if read_quantization_config(source.path) is not None:
+            raise QtoolError(f"{source.path} is a packed checkpoint; train the stage it was packed from")
         spec_name = params.spec or source.spec
         if spec_name is None:
             raise QtoolError(
