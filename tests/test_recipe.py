@@ -54,3 +54,11 @@ steps:
     assert saved["result"]["ppl"] == first[1]["ppl"]
     second = run_recipe(recipe, device="cpu")
     assert second[0]["skipped"] and second[1]["skipped"] and second[1]["ppl"] == first[1]["ppl"]
+
+
+def test_recipe_with_a_missing_model_leaves_no_workdir(tmp_path):
+    body = f"model: {tmp_path / 'no-such-model'}\nworkdir: {tmp_path / 'work'}\nsteps:\n  - calibrate: {{}}\n"
+    recipe = load_recipe(_write(tmp_path, body))
+    with pytest.raises(QtoolError):
+        run_recipe(recipe, device="cpu")
+    assert not (tmp_path / "work").exists()

@@ -135,6 +135,7 @@ def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
     """Run every step; returns each step's result dict."""
     current = recipe.model
     results = []
+    open_source(current)  # a missing model fails here, before the workdir exists
     recipe.workdir.mkdir(parents=True, exist_ok=True)
     for index, step in enumerate(recipe.steps):
         stage = STAGES[step.kind]

@@ -52,3 +52,25 @@ def test_txt_and_jsonl_sources(tmp_path):
         read_text(str(jsonl))
     with pytest.raises(QtoolError, match="not found"):
         read_text(str(tmp_path / "missing.txt"))
+
+
+def test_data_fingerprint_is_of_the_files_content(tmp_path):
+    from qtool.core.data import BUNDLED, bundled_dir, content_params, data_fingerprint
+
+    path = tmp_path / "calib.txt"
+    path.write_text("some text")
+    first = data_fingerprint(str(path))
+    assert first == hashlib.sha256(b"some text").hexdigest()
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(path.read_bytes())
+    assert data_fingerprint(str(copy)) == first  # content, not path
+    path.write_text("other text")
+    assert data_fingerprint(str(path)) != first  # same path, new content
+    bundled = bundled_dir("data") / BUNDLED["wikitext2-valid"]
+    assert data_fingerprint("wikitext2-valid") == hashlib.sha256(bundled.read_bytes()).hexdigest()
+    with pytest.raises(QtoolError, match="data 'nope.txt' not found"):
+        data_fingerprint("nope.txt")
+    params = {"data": str(path), "seed": 0}
+    assert content_params(params) == {**params, "data_sha": data_fingerprint(str(path))}
+    assert content_params({"seed": 0}) == {"seed": 0}
+    assert content_params({"data": "nope.txt"}) == {"data": "nope.txt"}  # the stage's read reports it

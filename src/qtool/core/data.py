@@ -51,13 +51,10 @@ def _jsonl_text(path: Path, field: str) -> str:
 
 def read_text(source: str, text_field: str = "text") -> str:
     """Text of a bundled split name, a .txt file or a .jsonl file."""
+    path = data_path(source)
     if source in BUNDLED:
-        text = _wikitext_rows(bundled_dir("data") / BUNDLED[source])
+        text = _wikitext_rows(path)
     else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            known = ", ".join(BUNDLED)
-            raise QtoolError(f"data '{source}' not found: give a .txt or .jsonl file, or one of {known}")
         if path.suffix == ".jsonl":
             text = _jsonl_text(path, text_field)
         else:
@@ -68,6 +65,39 @@ def read_text(source: str, text_field: str = "text") -> str:
     if not text.strip():
         raise QtoolError(f"data '{source}' holds no text; give a file with some text in it")
     return text
+
+
+def data_path(source: str) -> Path:
+    """The file behind a `--data` value: the bundled file of a split name, else the path itself."""
+    if source in BUNDLED:
+        return bundled_dir("data") / BUNDLED[source]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        known = ", ".join(BUNDLED)
+        raise QtoolError(f"data '{source}' not found: give a .txt or .jsonl file, or one of {known}")
+    return path
+
+
+def data_fingerprint(source: str) -> str:
+    """sha256 of the bytes of the file behind a `--data` value (bundled splits too), so a stage
+    made from other text at the same path is not taken as complete. Data files are small (a few
+    MB: milliseconds), so they are hashed on every run."""
+    h = hashlib.sha256()
+    with data_path(source).open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_params(params: dict) -> dict:
+    """Fingerprint parameters with the content of their `data` file added as `data_sha` (left out
+    when the file is missing: the stage's own read of it then fails with its one-line error)."""
+    if not isinstance(params.get("data"), str):
+        return params
+    try:
+        return {**params, "data_sha": data_fingerprint(params["data"])}
+    except (QtoolError, OSError):
+        return params
 
 
 def _tokenizer_digest(tokenizer) -> str:

@@ -21,8 +21,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from qtool.core.checkpoint import BlockJournal, StageDir, StageWriter, is_complete, stage_fingerprint
-from qtool.core.data import calibration_windows, read_text, token_ids
+from qtool.core.checkpoint import (
+    BlockJournal,
+    StageDir,
+    StageWriter,
+    check_output,
+    is_complete,
+    keeps_journal,
+    stage_fingerprint,
+)
+from qtool.core.data import calibration_windows, content_params, read_text, token_ids
 from qtool.core.devices import pick_device
 from qtool.core.errors import QtoolError
 from qtool.core.progress import console
@@ -123,6 +131,7 @@ class StageParams(Params):
     """A command that writes a stage directory `out`."""
 
     out: str
+    force: bool = param(False, "Replace an output directory that holds another stage.", result=False)
 
 
 DEVICE_HELP = "Compute device: auto, cpu, cuda, cuda:N."
@@ -205,10 +214,17 @@ class Stage:
         source = open_source(params.model)
         self.check(params, source)
         run = Run(self, params, source)
+        if self.writes:
+            check_output(params.out, source, params.force, run.fingerprint)
         if self.writes and is_complete(run.out, run.fingerprint):
             console.print(f"[green]{self.name}: {params.out} is complete for these inputs, skipped[/green]")
             return StageResult(stage=self.name, out=str(params.out), skipped=True)
-        result = self.work(run)
+        try:
+            result = self.work(run)
+        except BaseException as exc:
+            if run._journal is not None and not keeps_journal(exc):
+                run._journal.remove()
+            raise
         line = result.summary()
         if line:
             console.print(line)
@@ -225,7 +241,8 @@ class Run:
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
-        self.fingerprint = stage_fingerprint(self.stage.name, self.params.fingerprint_params(), self.source)
+        self.fp_params = content_params(self.params.fingerprint_params())
+        self.fingerprint = stage_fingerprint(self.stage.name, self.fp_params, self.source)
         self._journal: BlockJournal | None = None
 
     @property
@@ -261,7 +278,7 @@ class Run:
         return StageWriter(
             self.out,
             self.stage.name,
-            self.params.fingerprint_params(),
+            self.fp_params,
             self.source,
             spec,
             inherit_tensors=inherit_tensors,
