@@ -131,7 +131,9 @@ class StageParams(Params):
     """A command that writes a stage directory `out`."""
 
     out: str
-    force: bool = param(False, "Replace an output directory that holds another stage.", result=False)
+    force: bool = param(
+        False, "Replace an output directory that holds another stage.", flags=("--force",), result=False
+    )
 
 
 DEVICE_HELP = "Compute device: auto, cpu, cuda, cuda:N."
