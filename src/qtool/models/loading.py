@@ -52,6 +52,12 @@ def _gguf_path(src: GGUFSource) -> Path:
         path = Path(list(spec.submodule_search_locations)[0]) / src.filename
     if not path.is_file():
         raise QtoolError(f"GGUF file {path} is missing; reinstall with `{src.install_hint}` or set {src.env_override}")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise QtoolError(
+                f"{path} is not a GGUF file (no GGUF magic bytes: truncated or corrupt); "
+                f"reinstall with `{src.install_hint}` or set {src.env_override}"
+            )
     return path
 
 
