@@ -1,4 +1,3 @@
-import contextlib
 import errno
 import json
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tmpfs
 from qtool.core import checkpoint
 from qtool.core.checkpoint import (
     OWNER,
@@ -121,21 +121,6 @@ def _small_parent(tmp_path) -> StageDir:
     return StageDir(parent)
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str):
-    """A tmpfs mounted at `path` (root only; the test is skipped otherwise)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 _HOLD_TMP = """
 import sys, time
 from pathlib import Path
@@ -221,7 +206,7 @@ def test_ctrl_c_removes_the_tmp(tiny_dir, tmp_path):
 
 
 def test_disk_full_while_copying_the_parent(tiny_dir, tmp_path):
-    with _tmpfs(tmp_path / "small-fs", "size=1m") as fs:  # the tokenizer alone is larger
+    with tmpfs(tmp_path / "small-fs", "size=1m") as fs:  # the tokenizer alone is larger
         with pytest.raises(QtoolError, match=r"^disk full while writing .*stage: free space or choose another --out$"):
             with StageWriter(fs / "stage", "calibrate", {}, open_stage(tiny_dir)):
                 pass
@@ -230,7 +215,7 @@ def test_disk_full_while_copying_the_parent(tiny_dir, tmp_path):
 
 def test_disk_full_while_saving_tensors_and_journal_blocks(tmp_path):
     parent = _small_parent(tmp_path)
-    with _tmpfs(tmp_path / "small-fs", "size=1m") as fs:
+    with tmpfs(tmp_path / "small-fs", "size=1m") as fs:
         with pytest.raises(QtoolError, match=r"^disk full while writing .*stage: free space or choose another --out$"):
             with StageWriter(fs / "stage", "calibrate", {}, parent) as writer:
                 writer.save_tensors("calibrate", {"x": torch.zeros(1 << 19)})  # 2 MiB
@@ -245,7 +230,7 @@ def test_disk_full_while_saving_tensors_and_journal_blocks(tmp_path):
 
 def test_read_only_output(tmp_path):
     parent = _small_parent(tmp_path)
-    with _tmpfs(tmp_path / "ro", "size=1m,ro") as fs:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as fs:
         with pytest.raises(
             QtoolError, match=rf"^cannot write to {fs} \(read-only file system\): choose another --out$"
         ):
@@ -427,7 +412,7 @@ def test_e2e_bad_outputs_fail_before_any_work(tiny_dir, tmp_path):
     with pytest.raises(QtoolError, match="is the input directory"):
         calibrate(CalibrateParams(str(tiny_dir), str(tiny_dir), samples=2, seqlen=16), device="cpu")
     assert _tree(tmp_path) == before
-    with _tmpfs(tmp_path / "ro", "size=1m,ro") as fs:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as fs:
         with pytest.raises(QtoolError, match=r"\(read-only file system\): choose another --out$"):
             calibrate(CalibrateParams(str(tiny_dir), str(fs / "cal"), samples=2, seqlen=16), device="cpu")
 
