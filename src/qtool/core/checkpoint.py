@@ -606,5 +606,9 @@ class BlockJournal:
             if int(path.stem.split("-")[1]) != keep:
                 path.unlink()
 
+    def empty(self) -> bool:
+        """True while no block or step has been saved (a rerun has nothing to resume from)."""
+        return not any(self.dir.glob("block-*.safetensors"))
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
