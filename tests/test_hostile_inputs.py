@@ -436,9 +436,9 @@ CASES = [
     Case(
         "spec-sym-sym",
         "wrong",
-        cmd("pack", "--spec", "W4A16-sym-sym"),
+        cmd("eval", "--spec", "W4A16-sym-sym"),
         f"invalid quantization spec 'W4A16-sym-sym': 'sym' repeats the sym (sym); {SPEC_HELP}",
-        never=(WORK["pack"],),
+        never=(WORK["eval"],),
     ),
     Case(
         "tune-e2e-max-grad-norm-negative",
