@@ -1,7 +1,14 @@
-"""Shared fixtures and helpers: tiny random models of every supported family, the real SmolLM2, and
-the per-channel statistics of one forward (the reorder stage and RPTQ tests)."""
+"""Shared fixtures and helpers: tiny random models of every supported family, the real SmolLM2, the
+per-channel statistics of one forward (the reorder stage and RPTQ tests), and small tmpfs mounts
+(disk-full and read-only cases)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +96,19 @@ def tiny_dir(tmp_path, smollm2_tokenizer):
     model.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` with mount `options` (e.g. "size=1m", "size=1m,ro"); the test is
+    skipped where mounting is not allowed (not root, no mount, a container without the capability)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

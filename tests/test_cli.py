@@ -103,11 +103,6 @@ def test_bad_input_is_one_line_error(capsys, monkeypatch, bad_inputs, case):
     assert "Traceback" not in err + out
 
 
-def test_an_empty_spec_is_refused_not_read_as_float(capsys, monkeypatch, tiny_dir):
-    code, _, err = run_cli(capsys, monkeypatch, "eval", tiny_dir, "--spec", "", "--device", "cpu")
-    assert code == 2 and err.strip().startswith("error: empty quantization spec")
-
-
 def test_an_unexpected_exception_is_one_line_and_its_trace_is_kept(capsys, monkeypatch, tiny_dir, tmp_path):
     from qtool.stages.calibrate import Calibrate
 

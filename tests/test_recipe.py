@@ -56,9 +56,8 @@ steps:
     assert second[0]["skipped"] and second[1]["skipped"] and second[1]["ppl"] == first[1]["ppl"]
 
 
-def test_recipe_with_a_missing_model_leaves_no_workdir(tmp_path):
-    body = f"model: {tmp_path / 'no-such-model'}\nworkdir: {tmp_path / 'work'}\nsteps:\n  - calibrate: {{}}\n"
-    recipe = load_recipe(_write(tmp_path, body))
-    with pytest.raises(QtoolError):
-        run_recipe(recipe, device="cpu")
+def test_a_first_step_refused_by_its_checks_leaves_no_workdir(tiny_dir, tmp_path):
+    body = f"model: {tiny_dir}\nworkdir: {tmp_path / 'work'}\nsteps:\n  - reorder: {{}}\n"
+    with pytest.raises(QtoolError, match="needs a 'calibrate' stage"):
+        run_recipe(load_recipe(_write(tmp_path, body)), device="cpu")
     assert not (tmp_path / "work").exists()

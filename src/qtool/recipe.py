@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from qtool.core.checkpoint import stage_fingerprint
+from qtool.core.checkpoint import check_writable, disk_errors, stage_fingerprint
 from qtool.core.errors import QtoolError
 from qtool.core.progress import console
 from qtool.runtime.loader import open_source
@@ -131,12 +131,17 @@ def _cached_eval(out: Path, fingerprint: str) -> dict | None:
         return None
 
 
+WORKDIR_HINT = "set another workdir in the recipe"
+
+
 def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
-    """Run every step; returns each step's result dict."""
+    """Run every step; returns each step's result dict. Nothing is created before the first step
+    starts: the model is opened and the workdir probed first, and the workdir itself is made by the
+    first step that writes there (a stage refused by its own checks leaves none)."""
     current = recipe.model
     results = []
     open_source(current)  # a missing model fails here, before the workdir exists
-    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(recipe.workdir, WORKDIR_HINT)
     for index, step in enumerate(recipe.steps):
         stage = STAGES[step.kind]
         console.rule(f"[bold]{recipe.name}: step {index} {step.kind}")
@@ -156,7 +161,13 @@ def run_recipe(recipe: Recipe, device: str = "auto") -> list[dict]:
             continue
         result = {**stage(params).as_dict(), "stage": step.kind}
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2, default=str))
-        os.replace(tmp, out)
+        try:
+            with disk_errors(out, WORKDIR_HINT):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2, default=str))
+                os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         results.append(result)
     return results

@@ -309,26 +309,26 @@ def _os_errno(exc: BaseException) -> int | None:
     return None
 
 
-def disk_error(exc: BaseException, target: Path) -> DiskError | None:
-    """The one-line error for an OSError while writing `target`, None for other errors."""
+def disk_error(exc: BaseException, target: Path, hint: str = DISK_HINT) -> DiskError | None:
+    """The one-line error (ending in `hint`) for an OSError while writing `target`, None for other errors."""
     code = _os_errno(exc)
     if code not in _DISK_ERRNOS:
         return None
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return DiskError(f"disk full while writing {target}: free space or {DISK_HINT}")
+        return DiskError(f"disk full while writing {target}: free space or {hint}")
     where = Path(getattr(exc, "filename", None) or target)
     where = where if where.is_dir() else where.parent
     why = "read-only file system" if code == errno.EROFS else "permission denied"
-    return DiskError(f"cannot write to {where} ({why}): {DISK_HINT}")
+    return DiskError(f"cannot write to {where} ({why}): {hint}")
 
 
 @contextlib.contextmanager
-def disk_errors(target: Path):
+def disk_errors(target: Path, hint: str = DISK_HINT):
     """Turn disk-full / read-only / permission errors into one-line DiskErrors naming `target`."""
     try:
         yield
     except Exception as exc:
-        mapped = disk_error(exc, target)
+        mapped = disk_error(exc, target, hint)
         if mapped is None:
             raise
         raise mapped from None
@@ -362,6 +362,25 @@ def _nearest_dir(path: Path) -> Path:
     return path
 
 
+def check_writable(path: Path, hint: str = DISK_HINT) -> None:
+    """Refuse, in one line ending in `hint`, a place where nothing can be created: the nearest
+    existing directory at or above `path` is probed with a file, which is removed again (nothing
+    else is created)."""
+    base = _nearest_dir(Path(path))
+    if not base.is_dir():
+        raise QtoolError(f"{base} is a file, not a directory; {hint}")
+    probe = base / f".qtool-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        why = {errno.EROFS: "read-only file system", errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+        why = why.get(exc.errno, "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror)
+        raise QtoolError(f"cannot write to {base} ({why}): {hint}") from None
+
+
 def check_output(out: Path | str, parent: StageDir, force: bool, fingerprint: str | None = None) -> None:
     """Refuse a bad output path before any work, with one line: empty, a file, a directory of other
     files, the input directory, another qtool stage (unless `force`; a stage holding `fingerprint`
@@ -381,19 +400,7 @@ def check_output(out: Path | str, parent: StageDir, force: bool, fingerprint: st
             raise QtoolError(
                 f"{out} already holds {what} for other inputs; choose another --out or pass --force to replace it"
             )
-    base = _nearest_dir(out.parent)
-    if not base.is_dir():
-        raise QtoolError(f"{base} is a file, not a directory; choose another --out")
-    probe = base / f".qtool-probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-        why = {errno.EROFS: "read-only file system", errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
-        why = why.get(exc.errno, "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror)
-        raise QtoolError(f"cannot write to {base} ({why}): {DISK_HINT}") from None
+    check_writable(out.parent)
     remove_stale(out)
 
 
@@ -598,6 +605,10 @@ class BlockJournal:
         for path in self.dir.glob("block-*.safetensors"):
             if int(path.stem.split("-")[1]) != keep:
                 path.unlink()
+
+    def empty(self) -> bool:
+        """True while no block or step has been saved (a rerun has nothing to resume from)."""
+        return not any(self.dir.glob("block-*.safetensors"))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

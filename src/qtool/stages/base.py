@@ -224,7 +224,9 @@ class Stage:
         try:
             result = self.work(run)
         except BaseException as exc:
-            if run._journal is not None and not keeps_journal(exc):
+            # the journal stays only where a rerun resumes from it: saved blocks, and a failure that
+            # a rerun may not repeat (a crash, Ctrl-C, a disk error; not qtool's own refusals)
+            if run._journal is not None and (run._journal.empty() or not keeps_journal(exc)):
                 run._journal.remove()
             raise
         line = result.summary()
