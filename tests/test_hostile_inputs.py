@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -301,16 +300,6 @@ def killed(args: list[str], where: str, kinds: set[str]) -> Callable:
     return setup
 
 
-def _content(path: Path):
-    """A file's bytes; for safetensors its header as parsed JSON and its tensor bytes (safetensors
-    writes the `__metadata__` entries in a random order when there are several)."""
-    data = path.read_bytes()
-    if path.suffix != ".safetensors":
-        return data
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
 def same_as_uninterrupted(w: World, before: dict, after: dict) -> None:
     """The rerun removed the dead run's leftovers and wrote exactly what an uninterrupted run writes."""
     left = {p.name for p in w.root.iterdir() if p.name.startswith(".")}
@@ -325,7 +314,7 @@ def same_as_uninterrupted(w: World, before: dict, after: dict) -> None:
     assert sorted(p.name for p in w.out.iterdir()) == sorted(p.name for p in ref.iterdir())
     for path in ref.iterdir():
         if path.name != "qtool.json":
-            assert _content(path) == _content(w.out / path.name), path.name
+            assert path.read_bytes() == (w.out / path.name).read_bytes(), path.name
     manifest = [json.loads((d / "qtool.json").read_text()) for d in (ref, w.out)]
     for m in manifest:
         del m["timings"], m["created"]

@@ -102,7 +102,7 @@ def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_packed(model: nn.Module, directory: Path, spec: QuantSpec, layout: str) -> int:
     """Write the weights file and config.json of a packed model into `directory`; returns weight bytes."""
     tensors = packed_tensors(model)
-    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt", "qtool_spec": spec.name})
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})  # one key: files are byte-stable
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(spec, layout)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
