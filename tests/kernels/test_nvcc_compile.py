@@ -72,13 +72,13 @@ def _mma_instantiations() -> list[str]:
 
 def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str, str]]:
     """ptxas -v of the instantiations `names` (kernel argument list `args`): (mangled name, stack frame
-    bytes, spill store bytes) of each."""
+    bytes, spill store bytes) of each. Each is compiled alone, as cuda_runtime compiles one name expression
+    per module: ptxas' allocation for one instantiation depends on what else shares its translation unit."""
     src = SOURCES[0].parent / "wonly_gemv.cu"
-    jobs = max(1, min(len(names), os.cpu_count() or 1))
 
-    def compile_part(i):
-        cu = tmp_path / f"part{i}.cu"
-        cu.write_text(f'#include "{src}"\n' + "".join(f"template __global__ void {n}{args};\n" for n in names[i::jobs]))
+    def compile_one(i):
+        cu = tmp_path / f"k{i}.cu"
+        cu.write_text(f'#include "{src}"\ntemplate __global__ void {names[i]}{args};\n')
         r = subprocess.run(
             ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
             capture_output=True,
@@ -87,8 +87,8 @@ def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str,
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stderr
 
-    with ThreadPoolExecutor(jobs) as pool:
-        log = "".join(pool.map(compile_part, range(jobs)))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        log = "".join(pool.map(compile_one, range(len(names))))
     found = re.findall(
         r"Function properties for (_Z\d+wonly_gemv\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log
     )
@@ -100,15 +100,15 @@ def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str,
 def test_simt_gemv_does_not_spill(tmp_path):
     """ptxas -v: no local-memory spills in any plain SIMT GEMV instantiation the dispatch can reach (launch
     bounds cap them at 128 registers: 2 blocks of 256 threads or 1 of 512 per SM); with the fused prologue
-    or codes (MODE 1, 2: mangled 'Li1ELi16E', 'Li2ELi16E'), at most 8 bytes (W3 bf16 with two groups per
-    word spills 8)."""
+    or codes (MODE 1, 2: mangled 'Li1ELi16E', 'Li2ELi16E'), at most 32 bytes: compiled alone, the W3
+    fused instantiations with two groups per word spill (bf16 4 bytes, fp16 32 bytes on nvcc 13.0)."""
     args = (
         "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, "
         "int, int, int, int, int, int, int, int, int, const u16*, float, int, const u16*)"
     )
     found = _spills(_simt_instantiations(), args, tmp_path)
     assert [f for f in found if "Li0ELi8E" in f[0] and f[1:] != ("0", "0")] == []
-    assert [f for f in found if "Li0ELi8E" not in f[0] and int(f[2]) > 8] == []
+    assert [f for f in found if "Li0ELi8E" not in f[0] and int(f[2]) > 32] == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
