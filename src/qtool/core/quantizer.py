@@ -23,6 +23,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def clamp_codes(q: torch.Tensor, top: float) -> torch.Tensor:
+    """clamp(q, 0, top) whose gradient passes at the bounds themselves, as torch.clamp's did before
+    torch 2.14 (which passes none there): a code that rounds exactly to 0 or to the top keeps its
+    straight-through gradient, so training does not depend on the torch release."""
+    return torch.where((q >= 0) & (q <= top), q, q.detach().clamp(0, top))
+
+
 def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, levels: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (both fp32) that map [xmin, xmax] (widened to include 0) onto the codes."""
     xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
@@ -49,7 +56,8 @@ def fake_quant(
     """Quantize then dequantize, in fp32, returned in x's dtype. With ste=True gradients flow
     to x (straight-through) and to scale and zero."""
     rnd = round_ste if ste else torch.round
-    q = torch.clamp(rnd(x.float() / scale) + zero, 0, levels - 1)
+    q = rnd(x.float() / scale) + zero
+    q = clamp_codes(q, levels - 1) if ste else q.clamp(0, levels - 1)
     return ((q - zero) * scale).to(x.dtype)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from qtool.core.quantizer import (
     EPS,
+    clamp_codes,
     fake_quant,
     from_groups,
     minmax_qparams,
@@ -46,7 +47,7 @@ def step_init(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 
 def step_qparams(w: torch.Tensor, p: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    zero = round_ste(p["zero"]).clamp(0, spec.w_levels - 1)
+    zero = clamp_codes(round_ste(p["zero"]), spec.w_levels - 1)
     return p["scale"].clamp(min=EPS), zero
 
 
