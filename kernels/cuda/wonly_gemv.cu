@@ -837,6 +837,238 @@ __global__ void wonly_dequant(const u32* __restrict__ wq, const u32* __restrict_
   }
 }
 
+#ifdef __CUDACC__  // nvcc and NVRTC; the host tests build this file with g++ and leave this part out
+// ---- Hopper GEMM for M > 16 (wonly_wgmma, sm_90a) -----------------------------------------------
+// y^T = W x^T on wgmma: the dequantized weights are the A operand (registers), x the B operand (shared
+// memory), so a warpgroup's m64 covers 64 weight rows and NT (16..128) x rows. A block of two
+// warpgroups owns 128 weight rows and NT x rows; K is split over gridDim.z blocks (fp32 partials,
+// wonly_splitk_reduce) so short shapes fill the SMs. Each stage (WG_BK = 128 codes) of the weight
+// rows (as packed, + W3 hi words) and of x is copied by every thread with cp.async, WG_STAGES deep.
+// x sits in wgmma's no-swizzle K-major layout: 8x8 core matrices of 128 contiguous bytes, the two
+// k-octets of a k16 step 128 B apart (leading byte offset), 8-row groups 256 B apart (stride offset).
+// Weight rows are padded by 16 B so the 8 rows a warp reads at once meet distinct banks. Lane (gid,
+// tig) of warp w takes rows 16w + gid (+8) and codes {2tig, 2tig+1 | 2tig+8, 2tig+9} of each k16 step
+// (pair tig of the octet's word: one SHF + LOP3 more than the GEMV), dequantized as in the GEMV.
+typedef unsigned long long u64;
+enum { WG_BK = 128, WG_ROWS = 128, WG_STAGES = 4, WG_THREADS = 256 };
+
+template <int B> struct WgFmt {  // bytes of one weight row per stage, with the 16-byte pad
+  static const int ROW = WG_BK * (B == 3 ? 2 : B) / 8, PITCH = ROW + 16, HI = B == 3 ? WG_BK / 8 : 0;
+};
+template <int B, int NT> struct WgStage {
+  static const int X = NT * WG_BK * 2, W = WG_ROWS * WgFmt<B>::PITCH, H = WG_ROWS * WgFmt<B>::HI;
+  static const int BYTES = (X + W + H + 127) / 128 * 128;
+};
+
+template <int NT, class T> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 desc);
+template <> __device__ __forceinline__ void wgmma_rs<16, F16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %13, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<16, BF16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %13, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<32, F16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<32, BF16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<64, F16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<64, BF16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<128, F16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_rs<128, BF16>(float* d, const u32* a, u64 desc) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0; }"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 d;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(p));
+  return d;
+}
+// No-swizzle K-major descriptor: start >> 4, leading byte offset (k-octets) 128 >> 4, stride (8-row groups) 256 >> 4.
+__device__ __forceinline__ u64 wg_desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(256 >> 4) << 32);
+}
+
+// Codes (2j', 2j'+1) of a k16 step for lane tig, as half2(1024 + q): lo = k {2tig, 2tig+1}, hi = +8.
+// `w` is the stage's weight row (words), `h` its W3 hi words, s the step (0..WG_BK/16).
+template <int B>
+__device__ __forceinline__ void wg_codes(const u32* w, const u32* h, int s, int tig, u32& lo, u32& hi) {
+  if (B == 4) {
+    lo = pair_codes<4>(w[2 * s], tig);
+    hi = pair_codes<4>(w[2 * s + 1], tig);
+  } else if (B == 8) {
+    lo = pair_codes<8>(w[4 * s + (tig >> 1)], tig & 1);
+    hi = pair_codes<8>(w[4 * s + 2 + (tig >> 1)], tig & 1);
+  } else {
+    const u32 word = w[s];
+    lo = pair_codes<2>(word, tig);
+    hi = pair_codes<2>(word, tig + 4);
+    if (B == 3) {
+      const u32 hw = h[s >> 1], hj = (s & 1) * 8 + tig;
+      lo = lop_and_or((hw >> hj) << 2, 0x00040004u, lo);
+      hi = lop_and_or((hw >> (hj + 4)) << 2, 0x00040004u, hi);
+    }
+  }
+}
+
+template <int B, int NT, class T>
+__global__ void __launch_bounds__(WG_THREADS, 1) wonly_wgmma(
+    const u32* __restrict__ wq, const u32* __restrict__ whi, const u16* __restrict__ scales, const u8* __restrict__ zeros,
+    const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ partial,
+    int M, int N, int K, int row_words, int G, int gshift, int x_stride, int tiles_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  typedef WgFmt<B> F;
+  typedef WgStage<B, NT> S;
+  extern __shared__ __align__(128) unsigned char wg_smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+  const int n0 = blockIdx.x * WG_ROWS, m0 = blockIdx.y * NT;
+  const int ktiles = (K + WG_BK - 1) / WG_BK;
+  const int kt0 = blockIdx.z * tiles_per_split, nk = min(ktiles, kt0 + tiles_per_split) - kt0;
+  const int C = Fmt<B>::C, WPT = WG_BK / C;  // data words per row and stage
+  const int hi_words = row_words >> 1;
+
+  auto load_stage = [&](int buf, int kt) {
+    unsigned char* st = wg_smem + buf * S::BYTES;
+    for (int i = tid; i < NT * (WG_BK / 8); i += WG_THREADS) {  // x: 8 consecutive threads fill one core matrix
+      const int r = i & 7, oct = (i >> 3) % (WG_BK / 8), g = (i >> 3) / (WG_BK / 8);
+      const int m = m0 + g * 8 + r, k = kt * WG_BK + oct * 8;
+      const bool ok = m < M && k < K;
+      cp_async_zfill<16>(st + ((oct >> 1) * (NT / 8) + g) * 256 + (oct & 1) * 128 + r * 16,
+                         x + (ok ? (size_t)m * x_stride + k : 0), ok);
+    }
+    for (int i = tid; i < WG_ROWS * (F::ROW / 16); i += WG_THREADS) {
+      const int r = i / (F::ROW / 16), c = i % (F::ROW / 16);
+      const int word = kt * WPT + c * 4;
+      const bool ok = n0 + r < N && word < row_words;
+      cp_async_zfill<16>(st + S::X + r * F::PITCH + c * 16, wq + (ok ? (size_t)(n0 + r) * row_words + word : 0), ok);
+    }
+    if (B == 3) {
+      for (int i = tid; i < WG_ROWS; i += WG_THREADS) {
+        const int word = kt * (WG_BK / 32);
+        const bool ok = n0 + i < N && word < hi_words;
+        cp_async_zfill<16>(st + S::X + S::W + i * F::HI, whi + (ok ? (size_t)(n0 + i) * hi_words + word : 0), ok);
+      }
+    }
+  };
+
+  // this lane's two rows within the block; the scale/zero of each quarter (32 codes) of a stage
+  const int wr = warp * 16 + gid;  // warps 0-3: warpgroup 0 rows 0-63, warps 4-7: warpgroup 1 rows 64-127
+  const int rA = min(n0 + wr, N - 1), rB = min(n0 + wr + 8, N - 1);
+  float acc[NT / 2];
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int i = 0; i < WG_STAGES - 1; ++i) {
+    if (i < nk) load_stage(i, kt0 + i);
+    cp_async_commit_group();
+  }
+  for (int i = 0; i < nk; ++i) {
+    const int kt = kt0 + i;
+    u32 szA[4], szB[4];  // issued before the wait: L1/L2 latency hides behind it
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int g = min((kt * WG_BK + 32 * q) >> gshift, G - 1);
+      szA[q] = ld_sz(scales, zeros, (size_t)rA * G + g);
+      szB[q] = ld_sz(scales, zeros, (size_t)rB * G + g);
+    }
+    cp_async_wait_group<WG_STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();  // stage i is in shared memory, and every warpgroup is done with stage i - 1
+    if (i + WG_STAGES - 1 < nk) load_stage((i + WG_STAGES - 1) % WG_STAGES, kt + WG_STAGES - 1);
+    cp_async_commit_group();
+
+    const unsigned char* st = wg_smem + (i % WG_STAGES) * S::BYTES;
+    const u32* wA = reinterpret_cast<const u32*>(st + S::X + wr * F::PITCH);
+    const u32* wB = reinterpret_cast<const u32*>(st + S::X + (wr + 8) * F::PITCH);
+    const u32* hA = reinterpret_cast<const u32*>(st + S::X + S::W + wr * F::HI);
+    const u32* hB = reinterpret_cast<const u32*>(st + S::X + S::W + (wr + 8) * F::HI);
+    u32 a[WG_BK / 16][4];
+#pragma unroll
+    for (int s = 0; s < WG_BK / 16; ++s) {
+      const Deq<T> dA(szA[s >> 1]), dB(szB[s >> 1]);
+      u32 la, ha, lb, hb;
+      wg_codes<B>(wA, hA, s, tig, la, ha);
+      wg_codes<B>(wB, hB, s, tig, lb, hb);
+      a[s][0] = dA(la); a[s][1] = dB(lb); a[s][2] = dA(ha); a[s][3] = dB(hb);
+    }
+    const u32 xs = smem_addr(st);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < WG_BK / 16; ++s) wgmma_rs<NT, T>(acc, a[s], wg_desc(xs + s * NT * 32));
+    wgmma_commit();
+    wgmma_wait0();  // dequantizing the next stage during this group measured no faster (a wash on H100)
+  }
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+
+  // acc[4j + e]: weight row wr (+8 for e >= 2), x row m0 + 8j + 2tig + (e & 1)
+#pragma unroll
+  for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = n0 + wr + (e >> 1) * 8, m = m0 + 8 * j + 2 * tig + (e & 1);
+      if (n >= N || m >= M) continue;
+      if (gridDim.z > 1) {
+        partial[((size_t)blockIdx.z * M + m) * N + n] = acc[4 * j + e];
+      } else {
+        const float v = acc[4 * j + e] + (bias ? Cvt<T>::load(bias[n]) : 0.f);
+        y[(size_t)m * N + n] = Cvt<T>::store(v);
+      }
+    }
+#else
+  __trap();  // sm_90a only: the dispatch runs this path on compute capability 9.0
+#endif
+}
+
+// y = sum over the K splits of partial [splits, M, N] fp32, + bias, in the activation type.
+template <class T>
+__global__ void wonly_splitk_reduce(const float* __restrict__ partial, const u16* __restrict__ bias, u16* __restrict__ y,
+                                    int M, int N, int splits) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, MN = (size_t)M * N;
+  if (i >= MN) return;
+  float v = bias ? Cvt<T>::load(bias[i % N]) : 0.f;
+  for (int z = 0; z < splits; ++z) v += partial[z * MN + i];
+  y[i] = Cvt<T>::store(v);
+}
+#endif  // __CUDACC__
+
 #ifdef QTOOL_INSTANTIATE  // offline nvcc compile check and SASS inspection; CuPy instantiates by name
 // (tests/kernels/test_nvcc_compile.py checks every SIMT instantiation the dispatch can reach for spills)
 #define GEMV(B, NT, M16, T) template __global__ void wonly_gemv<B, NT, M16, T>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int);
@@ -862,4 +1094,10 @@ template __global__ void wonly_dequant<3, F16>(const u32*, const u32*, const u16
 template __global__ void wonly_dequant<2, F16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
 template __global__ void wonly_dequant<8, F16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
 template __global__ void wonly_dequant<4, BF16>(const u32*, const u32*, const u16*, const u8*, u16*, int, int, int, int, int);
+#define WGMMA(B, NT, T) template __global__ void wonly_wgmma<B, NT, T>(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, float*, int, int, int, int, int, int, int, int);
+WGMMA(4, 64, F16)
+WGMMA(2, 128, F16)
+WGMMA(3, 32, BF16)
+WGMMA(8, 16, F16)
+template __global__ void wonly_splitk_reduce<F16>(const float*, const u16*, u16*, int, int, int);
 #endif

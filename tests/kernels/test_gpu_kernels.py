@@ -254,8 +254,9 @@ def test_w_only_dispatch(tmp_path, monkeypatch):
         )
 
     w, s = packed(1024), ops.SIMT_MAX_M[4]
+    above = "wgmma" if ops.wgmma_runs(w.data.device) else "dequant"
     for m in (1, s, s + 1, ops.GEMV_MAX_M, ops.GEMV_MAX_M + 1):
-        assert ops.w_only_impl(m, w) == ("simt" if m <= s else "mma" if m <= ops.GEMV_MAX_M else "dequant")
+        assert ops.w_only_impl(m, w) == ("simt" if m <= s else "mma" if m <= ops.GEMV_MAX_M else above)
     assert ops.w_only_impl(4, packed(65536)) == "mma"  # x of 4 rows would need 512 KiB of shared memory
 
 
@@ -309,3 +310,35 @@ def test_w_only_gemm_fused_ops(bits, m, n, k, group, gated, norm, a_bits, residu
         _close(y, unfused.double(), rtol=2e-3)
     else:
         assert torch.equal(y, unfused)
+
+
+# N not a multiple of the 128-row block; K = 32 * odd with a ragged last group; per-channel; group 32 (two
+# groups per W2/W3 word); K long enough to be split (4096 = 32 k-tiles of 128 codes)
+WGMMA_SHAPES = [(200, 576, 128), (77, 352, 32), (1000, 1056, None), (130, 4096, 64), (4104, 1024, 128)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 40, 64, 100, 128, 300])
+@pytest.mark.parametrize("n,k,group", WGMMA_SHAPES)
+def test_w_only_gemm_wgmma(bits, dtype, m, n, k, group):
+    """The Hopper GEMM at every x-row tile (NT 32, 64, 128, several tiles of 128), split K or not."""
+    if not ops.wgmma_runs(torch.device("cuda")):
+        pytest.skip("wgmma needs sm_90")
+    _wonly_check(*_wonly_case(bits, n, k, group, m, dtype, bits * 11 + m + n + k), impl="wgmma")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_w_only_gemm_wgmma_windows(bits):
+    """x non-zero on one window of K only (the first k16 step, a stage boundary, the ragged last group),
+    and on one x row only, so a wrong code, group, step or row cannot hide in the rest of the sum."""
+    if not ops.wgmma_runs(torch.device("cuda")):
+        pytest.skip("wgmma needs sm_90")
+    w, x, bias = _wonly_case(bits, 260, 4160, 128, 70, torch.float16, bits * 5)
+    for lo, hi in [(0, 16), (112, 144), (4096, 4160)]:
+        xw = torch.zeros_like(x)
+        xw[:, lo:hi] = x[:, lo:hi]
+        _wonly_check(w, xw, None, impl="wgmma")
+    xr = torch.zeros_like(x)
+    xr[37] = x[37]
+    _wonly_check(w, xr, None, impl="wgmma")

@@ -16,6 +16,7 @@ from qtool.kernels.ops import (
     SIMT_MAX_M,
     SIMT_PLAIN,
     SIMT_WARPS,
+    WG_NT,
     mma_plan,
     simt_plan,
 )
@@ -70,27 +71,30 @@ def _mma_instantiations() -> list[str]:
     return sorted(names)
 
 
-def _spills(names: list[str], args: str, tmp_path: Path) -> list[tuple[str, str, str]]:
+def _spills(names: list[str], args: str, tmp_path: Path, arch: str = "sm_90") -> list[tuple[str, str, str]]:
     """ptxas -v of the instantiations `names` (kernel argument list `args`): (mangled name, stack frame
     bytes, spill store bytes) of each. Each is compiled alone, as cuda_runtime compiles one name expression
-    per module: ptxas' allocation for one instantiation depends on what else shares its translation unit."""
+    per module: ptxas' allocation for one instantiation depends on what else shares its translation unit.
+    A ptxas performance warning (wgmma serialized) fails the compile here."""
     src = SOURCES[0].parent / "wonly_gemv.cu"
 
     def compile_one(i):
         cu = tmp_path / f"k{i}.cu"
         cu.write_text(f'#include "{src}"\ntemplate __global__ void {names[i]}{args};\n')
         r = subprocess.run(
-            ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
+            ["nvcc", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(cu.with_suffix(".cubin")), str(cu)],
             capture_output=True,
             text=True,
         )
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "Performance Loss" not in r.stderr, (names[i], r.stderr[-3000:])
         return r.stderr
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         log = "".join(pool.map(compile_one, range(len(names))))
     found = re.findall(
-        r"Function properties for (_Z\d+wonly_gemv\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", log
+        r"Function properties for (_Z\d+wonly_(?:gemv|wgmma)\w+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores",
+        log,
     )
     assert len(found) == len(names)
     return found
@@ -117,3 +121,17 @@ def test_mma_gemv_does_not_spill(tmp_path):
     of 128 threads per SM; held in registers, the scales and zeros of the prefetched stage spilled)."""
     args = "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, int, int, int, int, int, int)"
     assert [f for f in _spills(_mma_instantiations(), args, tmp_path) if f[1:] != ("0", "0")] == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_wgmma_gemm_does_not_spill_or_serialize(tmp_path):
+    """ptxas -v for sm_90a: no spills in any wonly_wgmma instantiation (one block of 256 threads per SM,
+    up to 255 registers), and no wgmma serialization (ptxas serializes every wgmma, and says so, where
+    a path may redefine the A fragments or accumulators of a group still in flight)."""
+    names = [f"wonly_wgmma<{b}, {nt}, {t}>" for b in (2, 3, 4, 8) for nt in WG_NT for t in ("F16", "BF16")]
+    args = (
+        "(const u32*, const u32*, const u16*, const u8*, const u16*, const u16*, u16*, float*, "
+        + ", ".join(["int"] * 8)
+        + ")"
+    )
+    assert [f for f in _spills(names, args, tmp_path, arch="sm_90a") if f[1:] != ("0", "0")] == []

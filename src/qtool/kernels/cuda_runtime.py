@@ -40,7 +40,8 @@ def _arch_option() -> str:
             f"qtool kernels need an sm_80+ GPU (mma.sync b1/u8, bf16), found sm_{major}{minor}: "
             "run on CPU references instead"
         )
-    return f"--gpu-architecture=sm_{major}{minor}"
+    # sm_90a (wgmma, setmaxnreg) where the GPU is sm_90: a module compiled here runs on this GPU only anyway
+    return f"--gpu-architecture=sm_{major}{minor}{'a' if (major, minor) == (9, 0) else ''}"
 
 
 def kernel(source: str, name: str):

@@ -27,6 +27,8 @@ SIMT_ROWS = 2  # SIMT_R in wonly_gemv.cu
 # the prologue's passes over x once per SM instead of twice
 SIMT_WARPS = {False: 8, True: 16}
 SIMT_PLAIN, SIMT_FUSED, SIMT_CODES = 0, 1, 2  # MODE in wonly_gemv.cu
+WG_BK, WG_ROWS, WG_STAGES, WG_THREADS = 128, 128, 4, 256  # the wonly_wgmma enum in wonly_gemv.cu
+WG_NT = (16, 32, 64, 128)  # x rows per block (the wgmma's N) instantiated
 WONLY_IMPLS = chooser.PATHS["wonly"]
 
 
@@ -364,15 +366,22 @@ def _simt_fits(w: WOnlyWeights, m: int, gated: bool = False, norm: bool = False)
 
 
 def w_only_impl(m: int, w: WOnlyWeights, a_bits: int | None = None, gated: bool = False, norm: bool = False) -> str:
-    """The weight-only kernel w_only_gemm runs on the GPU at M rows ('simt', 'mma' or 'dequant'), x
-    quantized per token to a_bits in it (None: not), with the prologue's operands (gated, norm): the
-    chooser's path (chooser.choose_path), except where that kernel cannot run: the SIMT GEMV without
-    room in shared memory for them gives way to the mma GEMV, which takes at most GEMV_ROWS rows
-    (dequant above)."""
+    """The weight-only kernel w_only_gemm runs on the GPU at M rows ('simt', 'mma', 'wgmma' or
+    'dequant'), x quantized per token to a_bits in it (None: not), with the prologue's operands (gated,
+    norm): the chooser's path (chooser.choose_path), except where that kernel cannot run: the SIMT GEMV
+    without room in shared memory for them gives way to the mma GEMV, which takes at most GEMV_ROWS
+    rows (dequant above); off sm_90 the wgmma GEMM gives way to the default rule without it."""
     impl = chooser.choose_path("wonly", w.bits, a_bits or 16, w.group, m, w.n, w.k, _device(w.data))
+    if impl == "wgmma" and not wgmma_runs(w.data.device):
+        impl = chooser.default_path("wonly", w.bits, a_bits or 16, m, wgmma=False)
     if impl == "simt" and not _simt_fits(w, m, gated, norm):
         impl = "mma"
     return "dequant" if impl == "mma" and m > GEMV_ROWS else impl
+
+
+def wgmma_runs(device: torch.device) -> bool:
+    """Whether the wgmma GEMM runs on `device`: wgmma is sm_90a (H100, H200) only."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 _SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
@@ -462,6 +471,68 @@ def _mma_gemv(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     )
 
 
+def wgmma_plan(bits: int, m: int) -> tuple[int, int]:
+    """(NT x rows per block, dynamic shared bytes) of wonly_wgmma at M rows: the smallest instantiated
+    NT holding M, else the largest (blocks then tile M)."""
+    nt = next((t for t in WG_NT if t >= m), WG_NT[-1])
+    row = WG_BK * (2 if bits == 3 else bits) // 8 + 16
+    stage = nt * WG_BK * 2 + WG_ROWS * row + (WG_ROWS * WG_BK // 8 if bits == 3 else 0)
+    return nt, -(-stage // 128) * 128 * WG_STAGES
+
+
+_WG_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
+
+
+def _wgmma_gemm(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
+    """Blocks of 128 weight rows x NT x rows; K split so that the blocks fill the resident slots of
+    every SM once (at least 8 k-tiles per split), partials summed by wonly_splitk_reduce."""
+    m = x.shape[0]
+    nt, smem = wgmma_plan(w.bits, m)
+    tag = rt.type_tag(x.dtype)
+    fn = rt.kernel("wonly_gemv.cu", f"wonly_wgmma<{w.bits}, {nt}, {tag}>")
+    key = (rt.handle(fn), smem)
+    if key not in _WG_OCCUPANCY:
+        _WG_OCCUPANCY[key] = max(1, rt.blocks_per_sm(fn, WG_THREADS, smem))
+    slots = _WG_OCCUPANCY[key] * rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
+    tiles = -(-w.n // WG_ROWS) * -(-m // nt)
+    ktiles = -(-w.k // WG_BK)
+    splits = max(1, min(slots // tiles, ktiles // 8))
+    per = -(-ktiles // splits)
+    splits = -(-ktiles // per)
+    partial = torch.empty(splits, m, w.n, dtype=torch.float32, device=x.device) if splits > 1 else None
+    wptrs, gshift = _wonly_args(w)
+    rt.launch(
+        fn,
+        (-(-w.n // WG_ROWS), -(-m // nt), splits),
+        (WG_THREADS,),
+        (
+            *wptrs,
+            rt.ptr(x),
+            rt.ptr(bias),
+            rt.ptr(y),
+            rt.ptr(partial),
+            rt.i32(m),
+            rt.i32(w.n),
+            rt.i32(w.k),
+            rt.i32(w.row_words),
+            rt.i32(w.scales.shape[1]),
+            rt.i32(gshift),
+            rt.i32(x.stride(0)),
+            rt.i32(per),
+        ),
+        shared_mem=smem,
+    )
+    if partial is not None:
+        red = rt.kernel("wonly_gemv.cu", f"wonly_splitk_reduce<{tag}>")
+        total = m * w.n
+        rt.launch(
+            red,
+            (-(-total // 256),),
+            (256,),
+            (rt.ptr(partial), rt.ptr(bias), rt.ptr(y), rt.i32(m), rt.i32(w.n), rt.i32(splits)),
+        )
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself when its data is 16-byte aligned (the kernels' vector loads), else an aligned copy."""
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -506,6 +577,8 @@ def w_only_gemm(
         impl = w_only_impl(m, w, a_bits, gated, norm is not None)
     if impl == "mma" and m > GEMV_ROWS:
         raise QtoolError(f"the mma GEMV takes M <= {GEMV_ROWS}, got M={m}: use impl='simt' or 'dequant'")
+    if impl == "wgmma" and not wgmma_runs(x.device):
+        raise QtoolError("the wgmma GEMM runs on sm_90 (H100, H200) only: use impl='mma' or 'dequant'")
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
     if impl != "simt":
@@ -517,7 +590,7 @@ def w_only_gemm(
             if bias is not None:
                 y.add_(bias)
         elif m:
-            _mma_gemv(_aligned(x), w, bias, y)
+            (_wgmma_gemm if impl == "wgmma" else _mma_gemv)(_aligned(x), w, bias, y)
         return y if residual is None else _into(residual + y, out)
     y = _output(m, w.n, x.dtype, x.device, out)
     if norm is not None:
