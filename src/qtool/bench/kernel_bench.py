@@ -29,6 +29,9 @@ from qtool.kernels import chooser
 
 DEFAULT_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "28672x8192")
 DEFAULT_M = (1, 4, 16, 64, 256, 1024, 4096)
+# torch's own kernels, timed beside qtool's: bf16 matmul, tinygemm's W4 g128 (torch._weight_int4pack_mm,
+# bf16 x), fp8 e4m3 (torch._scaled_mm, x cast per call as a runtime would), int8 (torch._int_mm)
+PEERS = ("fp16", "bf16", "tinygemm", "fp8", "int_mm")
 DEFAULT_PATHS = ("fp16", "int_mm", "w4a16", "w2a16", "w3a16", "w8a16", "w2a8", "w2a2", "w4a4")
 DEFAULT_GROUP = 128
 TENSOR_PEAK = {"f16": 655e12, "s8": 1320e12, "b1": 10200e12}  # measured H100 mma.sync rates (ops/s)
@@ -69,7 +72,9 @@ def parse_path(path: str) -> tuple[int, int, str | None, str | None]:
         w, a = name.removeprefix("w").split("a") if name.startswith("w") else ("", "")
         wbits, abits = int(w), int(a)
     except ValueError as e:
-        raise QtoolError(f"bad path {path!r}: use fp16, int_mm, or wPaQ such as w4a16, w2a8, w2a2:bitplane") from e
+        raise QtoolError(
+            f"bad path {path!r}: use a torch peer ({', '.join(PEERS)}) or wPaQ such as w4a16, w2a8, w2a2:bitplane"
+        ) from e
     if abits != 16 and not 1 <= abits <= 8:
         raise QtoolError(f"bad path {path!r}: activation bits are 16 (float) or 1..8")
     sel = "planes" if sel == "bitplane" else sel
@@ -147,6 +152,8 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor, group: int | 
         # weights [N, K] row-major, passed transposed: cuBLASLt's fast int8 kernels need B column-major
         w = [torch.randint(-128, 127, (n, k), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
         return Case(path, "", "torch._int_mm", lambda i: torch._int_mm(xi, w[i % len(w)].t()), n * k, TENSOR_PEAK["s8"])
+    if path in PEERS:
+        return _peer_case(path, n, k, m, x)
     wbits, abits, layout, forced = parse_path(path)
     if layout is None or not chooser.holds(layout, wbits, abits):
         return None
@@ -179,6 +186,48 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor, group: int | 
     return Case(path, layout, impl, run_lowbit, ws[0].nbytes, TENSOR_PEAK["s8"])
 
 
+def _peer_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | None:
+    """bf16, tinygemm or fp8 at (M, N, K), or None where the kernel does not take the shape (printed)."""
+    dev = x.device
+    try:
+        if path == "bf16":
+            xb = x.bfloat16()
+            w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(_copies(2 * n * k))]
+            return Case(path, "", "torch.matmul", lambda i: xb @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
+        if path == "tinygemm":
+            xb = x.bfloat16()
+
+            def pack():
+                q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)
+                return torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+
+            w = [pack() for _ in range(_copies(n * k // 2))]
+            sz = torch.rand(k // 128, n, 2, device=dev, dtype=torch.bfloat16)
+            return Case(
+                path,
+                "",
+                "_weight_int4pack_mm",
+                lambda i: torch._weight_int4pack_mm(xb, w[i % len(w)], 128, sz),
+                n * k // 2,
+                TENSOR_PEAK["f16"],
+            )
+        if m % 16:
+            return None  # cuBLASLt's fp8 GEMM takes multiples of 16
+        one = torch.ones((), device=dev)
+        w = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(_copies(n * k))]
+        return Case(
+            path,
+            "",
+            "_scaled_mm e4m3",
+            lambda i: torch._scaled_mm(x.to(torch.float8_e4m3fn), w[i % len(w)].t(), one, one, out_dtype=torch.float16),
+            n * k,
+            TENSOR_PEAK["s8"],
+        )
+    except (RuntimeError, AttributeError, TypeError) as e:
+        print(f"{path} skipped at {n}x{k} M={m}: {str(e).splitlines()[0][:120]}")
+        return None
+
+
 def tune_paths(paths: list[str]) -> list[str]:
     """Every kernel of every layout that holds each plain 'wPaQ' path's bit widths, as 'wPaQ:KERNEL'."""
     out = []
@@ -193,7 +242,7 @@ def run_bench(
     shapes, ms, paths, out_dir: Path, tune: bool = False, reps: int = 30, group: int | None = DEFAULT_GROUP
 ) -> dict:
     for p in paths:
-        if p not in ("fp16", "int_mm"):
+        if p not in PEERS:
             parse_path(p)  # a bad path fails before any timing
     if not torch.cuda.is_available():
         raise QtoolError("kernel benchmarks need a CUDA GPU: run on the GPU machine")
