@@ -40,9 +40,15 @@ def _entry(layout, wbits, abits, group, m, path, us, n=N, k=K):
     return dict(layout=layout, wbits=wbits, abits=abits, group=group, m=m, n=n, k=k, path=path, us=us)
 
 
-def _old_w_only_impl(m, bits):
-    """ops.w_only_impl's rule before the chooser existed (simt where the shared memory fits)."""
-    return "dequant" if m > 16 else "simt" if m <= {2: 16, 3: 16, 4: 1, 8: 1}[bits] else "mma"
+def _w_only_rule(m, bits, wgmma=True):
+    """The weight-only default, written out: the wgmma GEMM (where it runs) from 8 rows for W2/W3 and
+    from 17 for W4/W8 up to 128; else SIMT (W2/W3 to 16 rows, W4/W8 at 1), the mma GEMV to 16,
+    dequantize + cuBLAS above."""
+    if wgmma and (8 if bits in (2, 3) else 17) <= m <= 128:
+        return "wgmma"
+    if m > 16:
+        return "dequant"
+    return "simt" if m <= {2: 16, 3: 16, 4: 1, 8: 1}[bits] else "mma"
 
 
 def _layer(spec_name, layout, k=K):
@@ -52,11 +58,13 @@ def _layer(spec_name, layout, k=K):
 
 
 # -- the default rule ------------------------------------------------------------------------------
-def test_default_weight_only_path_is_the_old_dispatch(cache):
+def test_default_weight_only_path(cache):
     for bits in (2, 3, 4, 8):
         for abits in (16, 8, 4, 2):
-            for m in range(0, 41):
-                assert chooser.default_path("wonly", bits, abits, m) == _old_w_only_impl(m, bits), (bits, abits, m)
+            for m in range(0, 300):
+                assert chooser.default_path("wonly", bits, abits, m) == _w_only_rule(m, bits), (bits, abits, m)
+                off_sm90 = chooser.default_path("wonly", bits, abits, m, wgmma=False)
+                assert off_sm90 == _w_only_rule(m, bits, wgmma=False), (bits, abits, m)
 
 
 def test_default_rule_named_cases(cache):
@@ -68,8 +76,12 @@ def test_default_rule_named_cases(cache):
         assert chooser.choose_path("wonly", s.w_bits, s.a_bits, s.group, 1, 4096, 11008) == "simt"
     assert chooser.choose_path("wonly", 4, 16, 128, 1, 4096, 4096) == "simt"
     assert chooser.choose_path("wonly", 4, 16, 128, 4, 4096, 4096) == "mma"  # W4 SIMT loses from M = 4 on
-    assert chooser.choose_path("wonly", 2, 16, 64, 16, 4096, 4096) == "simt"  # W2/W3 keep SIMT up to 16
-    assert chooser.choose_path("wonly", 3, 16, 128, 17, 4096, 4096) == "dequant"
+    assert chooser.choose_path("wonly", 2, 16, 64, 7, 4096, 4096) == "simt"  # W2/W3 keep SIMT to 7 rows
+    assert chooser.choose_path("wonly", 2, 16, 64, 8, 4096, 4096) == "wgmma"  # (16 off sm_90)
+    assert chooser.choose_path("wonly", 4, 16, 128, 16, 4096, 4096) == "mma"
+    assert chooser.choose_path("wonly", 3, 16, 128, 17, 4096, 4096) == "wgmma"  # batched decode
+    assert chooser.choose_path("wonly", 3, 16, 128, 128, 4096, 4096) == "wgmma"
+    assert chooser.choose_path("wonly", 3, 16, 128, 129, 4096, 4096) == "dequant"  # prefill
     assert chooser.choose_path("u8", 4, 4, 128, 16, 4096, 4096) == "u8_gemm"
     assert chooser.choose_path("u8", 4, 4, 128, 17, 4096, 4096) == "u8_gemm_tiled"
     assert chooser.choose_path("planes", 1, 4, 128, 16, 4096, 4096) == "bitplane_gemv"
@@ -210,7 +222,15 @@ def test_a_bad_table_is_a_one_line_error(cache, text, why):
 # -- the callers ---------------------------------------------------------------------------------------
 def test_ops_w_only_impl_follows_the_table(cache, monkeypatch):
     w = kernels.pack_wonly(torch.zeros(N, K, dtype=torch.int64), 4, torch.ones(N, 2), torch.zeros(N, 2), 128)
-    assert ops.w_only_impl(3, w) == "mma" and ops.w_only_impl(17, w) == "dequant"  # the default rule
+    # the default rule; the wgmma GEMM it names at M = 17 runs on sm_90 only (here: the CPU)
+    assert ops.w_only_impl(3, w) == "mma" and ops.w_only_impl(17, w) == "dequant"
+    w2 = kernels.pack_wonly(torch.zeros(N, K, dtype=torch.int64), 2, torch.ones(N, 4), torch.zeros(N, 4), 64)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "_simt_fits", lambda w, m, gated=False, norm=False: True)  # asks the GPU
+        assert ops.w_only_impl(8, w2) == "simt"  # W2 off sm_90: SIMT up to 16 rows
+        patch.setattr(ops, "wgmma_runs", lambda device: True)
+        assert ops.w_only_impl(17, w) == "wgmma" and ops.w_only_impl(129, w) == "dequant"
+        assert ops.w_only_impl(7, w2) == "simt" and ops.w_only_impl(8, w2) == "wgmma"
     _table(
         cache,
         [
@@ -267,7 +287,7 @@ def test_bench_paths_ask_the_chooser():
     assert parse_path("w2a2:bitplane") == (2, 2, "planes", None)
     assert parse_path("w4a4:u8_gemm_tiled") == (4, 4, "u8", "u8_gemm_tiled")
     assert parse_path("w4a16:dequant") == (4, 16, "wonly", "dequant")
-    assert tune_paths(["fp16", "w8a16", "w4a16:mma"]) == ["w8a16:simt", "w8a16:mma", "w8a16:dequant"]
+    assert tune_paths(["fp16", "w8a16", "w4a16:mma"]) == ["w8a16:simt", "w8a16:mma", "w8a16:wgmma", "w8a16:dequant"]
     for bad in ("w4a4:nibbles", "w4a12", "x4a16"):
         with pytest.raises(QtoolError, match="bad path"):
             parse_path(bad)

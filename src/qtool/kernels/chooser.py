@@ -6,16 +6,18 @@ Two decisions, both asked here by every caller (pack, PackedLinear, kernels.ops,
   the spec alone (`auto_layout`), never from a measured table: a checkpoint must not depend on the
   machine that packed it.
 - the path (`choose_path`, run time): which kernel of that layout multiplies M rows of x by the
-  [N, K] weights (PATHS): weight-only 'simt' (SIMT GEMV), 'mma' (tensor-core GEMV) or 'dequant'
-  (dequantize once, then cuBLAS); u8 'u8_gemm' (split-K IMMA) or 'u8_gemm_tiled' (shared-memory
-  tiles); bit-planes 'bitplane_gemv' (CUDA cores) or 'bitplane_gemm' (AND+POPC tensor cores).
+  [N, K] weights (PATHS): weight-only 'simt' (SIMT GEMV), 'mma' (tensor-core GEMV), 'wgmma' (Hopper
+  GEMM, sm_90a) or 'dequant' (dequantize once, then cuBLAS); u8 'u8_gemm' (split-K IMMA) or
+  'u8_gemm_tiled' (shared-memory tiles); bit-planes 'bitplane_gemv' (CUDA cores) or 'bitplane_gemm'
+  (AND+POPC tensor cores).
   A table measured by `qtool bench kernels --tune` decides where it has entries for the layout, bit
   widths and group (the fastest path at the nearest measured (M, N, K)); otherwise `default_path`.
 
 kernels.ops asks `choose_path` wherever a caller does not force a kernel (ops.w_only_impl,
 ops.lowbit_impl) and overrides it only where the kernel cannot run the call: the SIMT GEMV without
-room in shared memory for M rows of x (and the prologue's operands) falls back to the mma GEMV, and
-the GEMVs that take at most ops.GEMV_ROWS rows (mma, bit-plane) fall back to dequant / bitplane_gemm.
+room in shared memory for M rows of x (and the prologue's operands) falls back to the mma GEMV, the
+wgmma GEMM off sm_90 falls back to the mma GEMV or dequant, and the GEMVs that take at most
+ops.GEMV_ROWS rows (mma, bit-plane) fall back to dequant / bitplane_gemm.
 
 The default rule, from the H100 measurements in benchmarks/results/:
 
@@ -30,7 +32,15 @@ The default rule, from the H100 measurements in benchmarks/results/:
   (0.93x vs 0.52x); at M >= 256 dequant + cuBLAS (0.40-0.95x) beat u8 (0.22-0.31x) and bit-planes
   (<= 0.09x) everywhere. One layout serves every M, and decode (M <= 4) is where low bits pay.
   Other widths go to bit-planes where activations are quantized.
-- Weight-only path: SIMT GEMV up to SIMT_MAX_M rows, the mma GEMV up to GEMV_MAX_M, dequant above.
+- Weight-only path: SIMT GEMV up to SIMT_MAX_M rows, the mma GEMV up to GEMV_MAX_M, dequant above;
+  on sm_90 the wgmma GEMM from WGMMA_MIN_M to WGMMA_MAX_M rows (elsewhere ops takes the rule without
+  it). At M = 4 / 8 (benchmarks/results/wgmma_small_m_h100.csv) W2-g64 SIMT vs wgmma: 25.0 / 35.7 vs
+  27.2 / 27.6 us on 4096x11008, 26.1 / 40.8 vs 37.3 / 37.9 on 8192x8192; W3-g128 29.3 / 46.5 vs
+  29.2 / 29.7 and 35.0 / 57.4 vs 44.5 / 45.1; W4 the mma GEMV beat it up to M = 16. H100, one run
+  beside fp16 (benchmarks/gpu_wgmma.sh), W4-g128 / W2-g64 wgmma vs dequant in us: 4096x11008 M=32
+  31.1 / 28.6 vs 80.0 (fp16 36.4), M=64 43.4 / 38.1 vs 81.7 (fp16 38.0), M=128 62.4 / 59.5 vs 82.9,
+  M=256 113.3 / 109.6 vs 92.5; 8192x8192 M=32 48.3 / 44.8 vs 112.9 (fp16 47.9), M=64 69.2 / 61.1 vs
+  112.9, M=128 92.9 / 88.1 vs 114.3, M=256 169.8 / 159.5 vs 118.1.
 - u8 and bit-planes: the GEMV-shaped kernel (u8_gemm, bitplane_gemv) up to GEMV_MAX_M rows, the
   tiled GEMM above (not re-measured against each other: `--tune` times both).
 """
@@ -49,7 +59,7 @@ from qtool.kernels.layouts import WONLY_BITS
 
 LAYOUTS = ("wonly", "u8", "planes")
 PATHS = {
-    "wonly": ("simt", "mma", "dequant"),
+    "wonly": ("simt", "mma", "wgmma", "dequant"),
     "u8": ("u8_gemm", "u8_gemm_tiled"),
     "planes": ("bitplane_gemv", "bitplane_gemm"),
 }
@@ -65,6 +75,10 @@ GEMV_MAX_M = 16  # above this the default rule leaves the GEMVs for the GEMMs (w
 # M = 16: there the mma GEMV reads x fragments through L1 at 16 B per 8 codes per row (0.59-0.68x fp16
 # at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
 SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}
+# Where the wgmma GEMM runs (sm_90), it takes M rows from WGMMA_MIN_M to WGMMA_MAX_M (module docstring):
+# W2/W3 from 8 rows (at M = 4 SIMT still won, at 8 the GEMM did), W4/W8 above the mma GEMV's 16.
+WGMMA_MIN_M = {2: 8, 3: 8, 4: 17, 8: 17}
+WGMMA_MAX_M = 128
 
 TABLE_NAME = "kernel_table.json"
 TABLE_VERSION = 2
@@ -156,10 +170,13 @@ def _check(layout: str, wbits: int, abits: int) -> None:
         raise QtoolError(f"the {layout} kernels take {what}, got W{wbits}A{abits}: pack another layout or spec")
 
 
-def default_path(layout: str, wbits: int, abits: int, m: int) -> str:
-    """The kernel the default rule runs for M rows (see the module docstring for its measurements)."""
+def default_path(layout: str, wbits: int, abits: int, m: int, wgmma: bool = True) -> str:
+    """The kernel the default rule runs for M rows (see the module docstring for its measurements);
+    wgmma=False: the rule where the wgmma GEMM cannot run (off sm_90)."""
     _check(layout, wbits, abits)
     if layout == "wonly":
+        if wgmma and WGMMA_MIN_M[wbits] <= m <= WGMMA_MAX_M:
+            return "wgmma"
         if m > GEMV_MAX_M:
             return "dequant"
         return "simt" if m <= SIMT_MAX_M[wbits] else "mma"
