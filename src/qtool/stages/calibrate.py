@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool.core import distributed
 from qtool.core.progress import progress
 from qtool.models.blockwise import capture_block_inputs, iterate_blocks, run_block
 from qtool.quant.stats import block_stats
@@ -37,13 +38,15 @@ class Calibrate(Stage):
     name = "calibrate"
     params = CalibrateParams
     help = "Per-channel activation statistics (min, max, absmax) at every linear input and q/k/v output."
+    distributed = True
 
     @torch.no_grad()
     def work(self, run: Run) -> CalibrateResult:
         dev = run.device()
         model, tokenizer, adapter = run.load()
         windows = run.windows(tokenizer)
-        hidden, kwargs = capture_block_inputs(model, adapter, windows, dev)
+        # each rank carries its share of the windows; block_stats reduces the statistics over the ranks
+        hidden, kwargs = capture_block_inputs(model, adapter, distributed.shard(windows), dev)
         journal = run.journal()
         stats: dict[str, torch.Tensor] = {}
         n_blocks = len(adapter.layers(model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qtool.core import distributed
 from qtool.core.errors import QtoolError
 from qtool.core.progress import progress
 from qtool.core.spec import parse_spec
@@ -70,6 +71,14 @@ class TrainBlockAP(Stage):
     name = "train-blockap"
     params = BlockAPParams
     help = "Block-wise training of the quantized model; saves folded weights and learned scales/zeros."
+    distributed = True
+
+    def check_world(self, params: BlockAPParams, n: int) -> None:
+        """Both the windows and each training batch split evenly over the n processes."""
+        super().check_world(params, n)
+        error = distributed.split_error("--batch-size", params.batch, n, "--batch-size")
+        if error:
+            raise QtoolError(error)
 
     def check(self, params: BlockAPParams, source) -> None:
         from qtool.runtime.packed_model import read_quantization_config
