@@ -129,7 +129,10 @@ def split_error(what: str, count: int, n: int, flag: str) -> str | None:
     if count % n == 0:
         return None
     up = -(-count // n) * n
-    return f"{what} {count} does not split over {n} processes: give a multiple of {n} (e.g. {flag} {up}) or another --nproc"
+    return (
+        f"{what} {count} does not split over {n} processes: "
+        f"give a multiple of {n} (e.g. {flag} {up}) or another --nproc"
+    )
 
 
 def shard_range(n: int) -> tuple[int, int]:
@@ -428,7 +431,8 @@ def _worker() -> int:
         return 130
     except Exception as exc:
         where = _save_trace()
-        leave("bug", f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (trace in {where})")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        leave("bug", f"unexpected {type(exc).__name__}: {first} (trace in {where})")
         return 1
     finally:
         if active():
