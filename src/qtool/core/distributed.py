@@ -348,20 +348,18 @@ def launch(stage, params, nproc: int):
                 "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
             }
             procs.append(subprocess.Popen([sys.executable, "-m", "qtool.core.distributed"], env=env))
-        first_dead, deadline = None, None
+        failed, stopped, deadline = [], set(), None
         while any(p.poll() is None for p in procs):
-            if first_dead is None:
-                first_dead = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
-                if first_dead is not None:
-                    deadline = time.time() + _GRACE_S  # the others end by themselves when their peer is gone
-            elif time.time() > deadline:
-                _stop(procs)
+            failed += [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failed]
+            if failed and deadline is None:
+                deadline = time.time() + _GRACE_S  # the others end by themselves when their peer is gone
+            elif deadline is not None and time.time() > deadline:
+                stopped = _stop(procs)
             time.sleep(0.05)
-        if first_dead is None:
-            first_dead = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
-        if first_dead is None:
+        failed += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failed and r not in stopped]
+        if not failed and not stopped:
             return pickle.loads((folder / "result-0.pkl").read_bytes())
-        raise QtoolError(_failure(folder, procs, first_dead, nproc))
+        raise QtoolError(_failure(folder, procs, failed or sorted(stopped), nproc))
     except KeyboardInterrupt:
         _stop(procs)
         raise
@@ -372,7 +370,8 @@ def launch(stage, params, nproc: int):
         folder.rmdir()
 
 
-def _stop(procs) -> None:
+def _stop(procs) -> set[int]:
+    """Terminate the ranks still running (kill those that do not end within 10 s); returns them."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         p.terminate()
@@ -383,11 +382,14 @@ def _stop(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    return {r for r, p in enumerate(procs) if p in alive}
 
 
-def _failure(folder: Path, procs, first_dead: int, nproc: int) -> str:
-    """The line that ends a failed run: a rank's own refusal (bad input, a diverging loss) if one
-    gave it, else which rank died first and how."""
+def _failure(folder: Path, procs, failed: list[int], nproc: int) -> str:
+    """The line that ends a failed run (`failed`: the ranks that failed, in the order seen): a rank's
+    own refusal (bad input, a diverging loss) if one gave it, else the first rank that died without
+    a word (killed, out of memory), else the first rank's unexpected error (the others' errors are
+    usually the lost connection to it)."""
     errors = {}
     for r in range(nproc):
         path = folder / f"error-{r}.json"
@@ -396,12 +398,14 @@ def _failure(folder: Path, procs, first_dead: int, nproc: int) -> str:
     refusal = next((e["message"] for r, e in sorted(errors.items()) if e["kind"] == "qtool"), None)
     if refusal:
         return refusal
-    if first_dead not in errors or procs[first_dead].returncode < 0:
+    silent = [r for r in failed if r not in errors]
+    if silent:
+        r = silent[0]
         return (
-            f"rank {first_dead} of {nproc} died ({_how(procs[first_dead].returncode)}); the other ranks were "
-            "stopped; run the same command again to resume from the last finished block"
+            f"rank {r} of {nproc} died ({_how(procs[r].returncode)}); the other ranks were stopped; "
+            "run the same command again to resume from the last finished block"
         )
-    return f"rank {first_dead} of {nproc}: {errors[first_dead]['message']}"
+    return f"rank {failed[0]} of {nproc}: {errors[failed[0]]['message']}"
 
 
 def _worker() -> int:
