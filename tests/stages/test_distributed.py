@@ -10,7 +10,11 @@ quantized chain, so cases with quantized activations can drift further; the one 
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +213,33 @@ def test_under_torchrun_nproc_must_match_and_other_stages_refuse(tiny_dir, tmp_p
         calibrate(CalibrateParams(str(tiny_dir), str(tmp_path / "c"), samples=4, seqlen=16, nproc=3))
     with pytest.raises(QtoolError, match="^qtool eval runs in one process; start it without torchrun$"):
         evaluate(EvalParams(str(tiny_dir), seqlen=16, windows=2))
+
+
+def _cli(*args, env=None):
+    src = Path(__file__).parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "qtool.cli", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_nproc_runs_two_ranks_and_answers_once(tiny_dir, tmp_path):
+    done = _cli("calibrate", tiny_dir, "--out", tmp_path / "c", "--samples", 4, "--seqlen", 16, "--device", "cpu",
+                "--nproc", 2, "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["blocks"] == 3 and len(done.stdout.splitlines()) == 1
+    assert done.stderr.count("calibrate: 64 tokens, 3 blocks") == 1  # printed by rank 0 only
+    assert open_stage(tmp_path / "c").manifest["world_size"] == 2
+    bad = _cli("calibrate", tiny_dir, "--out", tmp_path / "d", "--samples", 4, "--nproc", 0)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --nproc must be >= 1, got 0"
+
+
+def test_a_rank_alone_gives_up_after_the_timeout(tiny_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there: rank 0 never comes
+    env = dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), QTOOL_DIST_TIMEOUT="2")
+    done = _cli("calibrate", tiny_dir, "--out", tmp_path / "c", "--samples", 4, "--seqlen", 16, "--device", "cpu",
+                env={**env, "TORCH_CPP_LOG_LEVEL": "FATAL"})  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: rank 1 of 2 could not join the others within 2 s")
+    assert not (tmp_path / "c").exists()

@@ -347,6 +347,10 @@ def launch(stage, params, nproc: int):
                 _TASK_ENV: str(task),
                 "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])]),
             }
+            # the CPU cores are shared out (N ranks with all the cores each would oversubscribe them)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+            # c10d's C++ log repeats, with stack frames, what the rank's one-line error already says
+            env.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
             procs.append(subprocess.Popen([sys.executable, "-m", "qtool.core.distributed"], env=env))
         failed, stopped, deadline = [], set(), None
         while any(p.poll() is None for p in procs):
