@@ -262,7 +262,9 @@ class Stage:
             console.print(f"[green]{self.name}: {params.out} is complete for these inputs, skipped[/green]")
             return StageResult(stage=self.name, out=str(params.out), skipped=True)
         if n > 1 and not distributed.launched():
-            return distributed.launch(self, params, n)
+            from qtool.stages.launch import launch
+
+            return launch(self, params, n)
         try:
             result = self.work(run)
             distributed.barrier()  # the other ranks return once rank 0 has committed

@@ -7,6 +7,7 @@ and value projections also of each output channel. Reorder (RPTQ), LET initialis
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class Calibrate(Stage):
         journal = run.journal()
         stats: dict[str, torch.Tensor] = {}
         n_blocks = len(adapter.layers(model))
+        t_blocks = time.time()
         with progress() as bar, run.writer() as writer:
             task = bar.add_task("calibrate", total=n_blocks, info="")
             for index, block in iterate_blocks(model, adapter, dev):
@@ -61,6 +63,7 @@ class Calibrate(Stage):
                     hidden = run_block(block, hidden, kwargs, run.params.batch_size)
                 stats.update(done)
                 bar.update(task, advance=1, info=f"block {index + 1}/{n_blocks}")
+            writer.timings["blocks_s"] = round(time.time() - t_blocks, 3)  # the block loop alone
             writer.save_tensors("calibrate", stats)
             run.commit(writer, tokens=int(windows.numel()), blocks=n_blocks)
         return CalibrateResult(

@@ -8,6 +8,7 @@ with the learned parameters. Learning rates left unset take the preset's default
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from qtool.core import distributed
@@ -114,9 +115,11 @@ class TrainBlockAP(Stage):
 
             forward_batch = p.batch if p.batch_size is None else p.batch_size
             preset, settings = PRESETS[p.preset], p.settings()
+            t_blocks = time.time()
             qparams, losses = train_blocks(
                 model, adapter, spec, preset, settings, windows, dev, run.journal(), forward_batch, on_block, on_epoch
             )
+            writer.timings["blocks_s"] = round(time.time() - t_blocks, 3)  # capture and the block loop
             bar.update(task, completed=n_blocks, info="done")
             model.set_attn_implementation(attention)
             writer.save_model(model)
