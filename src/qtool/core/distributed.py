@@ -79,6 +79,11 @@ def init(device: torch.device) -> None:
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise QtoolError(
+                f"rank {local} needs GPU {local} but {torch.cuda.device_count()} are visible: "
+                "use at most one process per GPU (--nproc), or --device cpu"
+            )
         torch.cuda.set_device(local)
         _state["device"] = torch.device("cuda", local)
     seconds = timeout_s()
