@@ -128,7 +128,9 @@ def test_train_blockap_two_processes_learn_what_one_does(case, tmp_path, ranks, 
     assert open_stage(tmp_path / "two").manifest["world_size"] == 2
 
 
-def test_train_blockap_resumes_after_a_rank_is_killed(tiny_dir, tmp_path, ranks):
+@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_opt_dir"])
+def test_train_blockap_resumes_after_a_rank_is_killed(fixture, tmp_path, ranks, request):
+    tiny_dir = request.getfixturevalue(fixture)
     train_blockap(_blockap(tiny_dir, tmp_path / "one", preset="omniquant", spec="W4A4"))
     out = tmp_path / "two"
     ranks.setenv("QTOOL_TEST_KILL", "1:0")  # rank 1 dies once block 0 is journaled
@@ -162,7 +164,9 @@ def test_tune_e2e_two_processes_learn_what_one_does(fixture, tmp_path, ranks, re
     assert_same_learned(tmp_path / "one", tmp_path / "two")
 
 
-def test_tune_e2e_resumes_after_a_rank_is_killed(tiny_dir, tmp_path, ranks, capfd):
+@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_opt_dir"])
+def test_tune_e2e_resumes_after_a_rank_is_killed(fixture, tmp_path, ranks, capfd, request):
+    tiny_dir = request.getfixturevalue(fixture)
     kw = dict(samples=4, batch_size=1, grad_accum=2, epochs=2, save_every=1)  # 2 windows a rank per step
     tune_e2e(_e2e(tiny_dir, tmp_path / "one", **kw))
     ranks.setenv("QTOOL_TEST_KILL", "0:2")  # rank 0, the writer, dies once step 2 is journaled
