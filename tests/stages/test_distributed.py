@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,6 +237,38 @@ def test_cli_nproc_runs_two_ranks_and_answers_once(tiny_dir, tmp_path):
     assert open_stage(tmp_path / "c").manifest["world_size"] == 2
     bad = _cli("calibrate", tiny_dir, "--out", tmp_path / "d", "--samples", 4, "--nproc", 0)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --nproc must be >= 1, got 0"
+
+
+def test_ranks_end_with_the_process_that_launched_them(tiny_dir, tmp_path):
+    src = Path(__file__).parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "qtool.cli", "train-blockap", str(tiny_dir), "--out", str(tmp_path / "b"),
+           "--samples", "4", "--seqlen", "16", "--batch-size", "2", "--epochs", "500", "--device", "cpu",
+           "--nproc", "2"]  # fmt: skip
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    deadline = time.time() + 120
+    ranks_ = []
+    while len(ranks_) < 2 and time.time() < deadline and launcher.poll() is None:
+        ranks_ = children.read_text().split() if children.exists() else []
+        time.sleep(0.1)
+    assert len(ranks_) == 2, "the launcher did not start 2 ranks"
+    launcher.kill()  # SIGKILL: the launcher cannot stop its ranks itself
+    launcher.wait()
+
+    def running(pid: str) -> bool:  # a zombie waiting for its new parent to reap it has ended
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(pid) for pid in ranks_):
+        time.sleep(0.1)
+    alive = [pid for pid in ranks_ if running(pid)]
+    for pid in alive:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not alive, "ranks outlived their launcher"
 
 
 def test_a_rank_alone_gives_up_after_the_timeout(tiny_dir, tmp_path):

@@ -37,6 +37,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In a rank, before it starts: end it (SIGTERM) when the launching process dies, even by
+    SIGKILL, so no rank outlives its run (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _how(code: int) -> str:
     if code < 0:
         try:
@@ -71,7 +82,9 @@ def launch(stage, params, nproc: int):
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
             # c10d's C++ log repeats, with stack frames, what the rank's one-line error already says
             env.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-            procs.append(subprocess.Popen([sys.executable, "-m", "qtool.stages.launch"], env=env))
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "qtool.stages.launch"], env=env, preexec_fn=_die_with_parent)
+            )
         failed, stopped, deadline = [], set(), None
         while any(p.poll() is None for p in procs):
             failed += [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failed]
