@@ -148,6 +148,18 @@ def test_train_blockap_resumes_after_a_rank_is_killed(fixture, tmp_path, ranks, 
     assert not (tmp_path / ".two.partial").exists()
 
 
+def test_train_blockap_killed_on_two_ranks_resumes_on_one(tiny_dir, tmp_path, ranks):
+    kw = dict(preset="omniquant", spec="W4A4")
+    train_blockap(_blockap(tiny_dir, tmp_path / "one", **kw))
+    ranks.setenv("QTOOL_TEST_KILL", "0:1")  # rank 0 dies once blocks 0 and 1 are journaled
+    with pytest.raises(QtoolError, match=r"^rank 0 of 2 died"):
+        train_blockap(_blockap(tiny_dir, tmp_path / "two", nproc=2, **kw))
+    ranks.delenv("QTOOL_TEST_KILL")
+    train_blockap(_blockap(tiny_dir, tmp_path / "two", **kw))  # --nproc is not in the fingerprint
+    assert_same_learned(tmp_path / "one", tmp_path / "two")
+    assert open_stage(tmp_path / "two").manifest["world_size"] == 1
+
+
 # -- tune-e2e ----------------------------------------------------------------------------------------
 
 
