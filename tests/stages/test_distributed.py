@@ -160,6 +160,17 @@ def test_train_blockap_killed_on_two_ranks_resumes_on_one(tiny_dir, tmp_path, ra
     assert open_stage(tmp_path / "two").manifest["world_size"] == 1
 
 
+def test_a_refusal_in_the_ranks_is_the_one_process_line(tiny_dir, tmp_path, ranks):
+    kw = dict(preset="efficientqat", spec="W2A16-g32", epochs=3, lr_weight=10.0, lr_qparams=10.0)
+    lines = []
+    for n in (1, 2):
+        with pytest.raises(QtoolError) as err:
+            train_blockap(_blockap(tiny_dir, tmp_path / "out", nproc=n, **kw))
+        lines.append(str(err.value))
+    assert lines[0] == lines[1] and lines[0].startswith("block 0: training loss diverged to ")
+    assert not list(tmp_path.glob("*out*"))  # a refusal keeps no journal (a rerun would fail alike)
+
+
 # -- tune-e2e ----------------------------------------------------------------------------------------
 
 
