@@ -35,11 +35,12 @@ def _quiet_libraries() -> None:
 
 
 def _finish(result: dict, as_json: bool, *tables: Table) -> None:
+    from qtool.core import distributed
     from qtool.core.progress import console
 
     for table in tables:
         console.print(table)
-    if as_json:
+    if as_json and distributed.is_writer():  # under torchrun: rank 0 alone answers
         print(json.dumps(result, default=str))
 
 

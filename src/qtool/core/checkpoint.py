@@ -438,6 +438,7 @@ class StageWriter:
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     inherit_tensors: bool = True  # False: start from the parent's config and tokenizer only
+    world_size: int = 1  # processes of the run that computed the stage (torch.distributed ranks)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -505,6 +506,7 @@ class StageWriter:
             "params": self.params,
             "metrics": self.metrics,
             "timings": {**self.timings, "total_s": round(time.time() - self.started, 3)},
+            "world_size": self.world_size,
             "history": history + [entry],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -568,6 +570,15 @@ class BlockJournal:
                     with contextlib.suppress(OSError):
                         path.rmdir()
                 raise
+
+    @classmethod
+    def reading(cls, out: Path) -> "BlockJournal":
+        """A view of the journal of `out` that only reads entries (the other ranks of a distributed
+        run, while rank 0 owns and writes the journal)."""
+        view = object.__new__(cls)
+        view.out = Path(out)
+        view.dir = view.out.with_name(f".{view.out.name}.partial")
+        return view
 
     def _file(self, block: int) -> Path:
         return self.dir / f"block-{block:04d}.safetensors"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qtool.core import distributed
+
 
 class MSELoss:
     needs_attention = False
@@ -39,7 +41,8 @@ class ABQLoss:
         for key in ("fp", "fp_qin"):
             target = targets[key].float()
             loss = loss + F.mse_loss(out, target)
-            loss = loss - F.cosine_similarity(out, target, dim=-1).mean().abs().log()
+            # the mean cosine of the global batch (on several ranks, each holding a slice of it)
+            loss = loss - distributed.mean(F.cosine_similarity(out, target, dim=-1).mean()).abs().log()
         return loss
 
 

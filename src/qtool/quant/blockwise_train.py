@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from qtool.core import distributed
 from qtool.core.checkpoint import layer_key
 from qtool.core.errors import QtoolError
 from qtool.core.quantizer import fake_quant_weight
@@ -226,9 +227,13 @@ def fit_block(
     head_dim: int,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train `state` so the quantized block maps q_in to the targets; returns the epoch losses."""
+    """Train `state` so the quantized block maps q_in to the targets; returns the epoch losses.
+
+    On several ranks q_in, fp_in and the targets hold this rank's share of the windows: each step
+    draws the global batch one process would draw, every rank trains on its 1/N slice of it (rows
+    fetched from the ranks that hold them) and the gradients are averaged over the ranks."""
     device = next(block.parameters()).device
-    n = q_in.shape[0]
+    n = q_in.shape[0] * distributed.world_size()
     steps = max(n // settings.batch, 1)
     groups = [
         {"params": list(p.values()), "lr": settings.lr[name], "name": name} for name, p in state.groups.items() if p
@@ -245,20 +250,21 @@ def fit_block(
         total = 0.0
         for step in range(steps):
             idx = order[step * settings.batch : (step + 1) * settings.batch]
-            batch = {k: v[idx].to(device) for k, v in targets.items()}
+            batch = {k: distributed.take_rows(v, idx, device) for k, v in targets.items()}
             if loss_fn.needs_attention:
                 float_maps: list = []
                 with torch.no_grad(), amp, _attention_maps(block, adapter, float_maps):
-                    block(fp_in[idx].to(device), **kwargs)
+                    block(distributed.take_rows(fp_in, idx, device), **kwargs)
                 batch["attn_fp"] = float_maps[0]
             quant_maps: list = []
             hooks = activation_hooks(block, adapter, state.spec, head_dim, ste=True)
             with amp, _hooked(hooks), _attention_maps(block, adapter, quant_maps if loss_fn.needs_attention else None):
-                out = _first(functional_call(block, state.quantized(), (q_in[idx].to(device),), kwargs))
+                rows = distributed.take_rows(q_in, idx, device)
+                out = _first(functional_call(block, state.quantized(), (rows,), kwargs))
                 if quant_maps:
                     batch["attn_q"] = quant_maps[0]
                 loss = loss_fn(out, batch)
-            value = loss.item()
+            value = distributed.mean_value(loss.item())  # the global batch's loss, alike on every rank
             if not math.isfinite(value):
                 raise QtoolError(
                     f"block {index}: training loss became {value} (epoch {epoch + 1}, step {step + 1}); "
@@ -272,6 +278,7 @@ def fit_block(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(p for group in groups for p in group["params"])
             opt.step()
             if sched is not None:
                 sched.step()
@@ -333,6 +340,7 @@ def train_blocks(
     loss_fn = LOSSES[preset.loss]()
     if loss_fn.needs_attention:
         model.set_attn_implementation("eager")  # attention probabilities are part of the loss
+    windows = distributed.shard(windows)  # on several ranks each carries its share of both chains
     store = _cache_device(device, windows, model.config.hidden_size, 4)
     fp_in, kwargs = capture_block_inputs(model, adapter, windows, device, store)
     q_in = fp_in.clone()

@@ -1,10 +1,13 @@
 """Per-channel activation statistics of a block's linears (calibrate's output, and the LET
-initialisation of block-wise training)."""
+initialisation of block-wise training). In a distributed run each rank sees its share of the
+windows and the statistics are reduced over the ranks (MIN of the minima, MAX of the maxima and
+absmaxima), so every rank holds those of all the windows, exactly as one process computes them."""
 
 from __future__ import annotations
 
 import torch
 
+from qtool.core import distributed
 from qtool.core.checkpoint import layer_key
 from qtool.models.blockwise import run_block
 
@@ -46,4 +49,6 @@ def block_stats(block, adapter, index: int, hidden, kwargs, batch_size: int) -> 
     finally:
         for h in handles:
             h.remove()
-    return {k: v.cpu() for k, v in stats.values.items()}, out
+    # on several ranks each saw its share of the windows: reduce to the statistics of all of them
+    ops = {k: "min" if k.endswith(".min") else "max" for k in stats.values}
+    return {k: v.cpu() for k, v in distributed.all_reduce_stats(stats.values, ops).items()}, out

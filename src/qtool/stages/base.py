@@ -11,6 +11,7 @@ training windows. The parameter dataclass is also the single source of the stage
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from qtool.core import distributed
 from qtool.core.checkpoint import (
     BlockJournal,
     StageDir,
@@ -150,6 +152,13 @@ class TextStageParams(StageParams):
     seed: int = param(0, "Seed of the window sampling (and of the training order).")
     text_field: str = param("text", "Field holding the text in a .jsonl file.")
     device: str = param("auto", DEVICE_HELP, result=False)
+    nproc: int = param(
+        1,
+        "Processes (torch.distributed ranks: one per GPU, or CPU processes) that split the windows; "
+        "the result is the one-process result.",
+        min=1,
+        result=False,
+    )
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -201,9 +210,29 @@ class Stage:
     help: ClassVar[str]
     model_help: ClassVar[str] = "Model id (smollm2-135m), model directory or stage directory."
     writes: ClassVar[bool] = True  # False: the result is returned, no stage directory written
+    distributed: ClassVar[bool] = False  # True: runs on N ranks (`--nproc N` or torchrun)
 
     def check(self, params, source: StageDir) -> None:
         """Refuse inputs this stage cannot take; runs before the skip check and any loading."""
+
+    def check_world(self, params, n: int) -> None:
+        """Refuse parameters that do not split over n processes (the windows, by default)."""
+        error = distributed.split_error("--samples", params.samples, n, "--samples")
+        if error:
+            raise QtoolError(error)
+
+    def _world(self, params) -> int:
+        """The number of processes this call runs on: torchrun's (or the launcher's), or --nproc."""
+        n = getattr(params, "nproc", 1)
+        if not distributed.launched():
+            return n
+        size = int(os.environ["WORLD_SIZE"])
+        if not self.distributed:
+            raise QtoolError(f"qtool {self.name} runs in one process; start it without torchrun")
+        if n not in (1, size):
+            raise QtoolError(f"--nproc {n} inside a run of {size} processes (torchrun): leave --nproc out")
+        distributed.init(pick_device(params.device))
+        return size
 
     def work(self, run: Run) -> Result:
         raise NotImplementedError
@@ -213,16 +242,32 @@ class Stage:
         if overrides:
             params = dataclasses.replace(params, **overrides)
         validate(params)
+        n = self._world(params)
+        # a model id is downloaded or converted once, by rank 0, before the others open it
+        first = n > 1 and not Path(str(params.model)).expanduser().is_dir()
+        if first and not distributed.is_writer():
+            distributed.barrier()
         source = open_source(params.model)
+        if first and distributed.is_writer():
+            distributed.barrier()
         self.check(params, source)
+        if n > 1:
+            self.check_world(params, n)
         run = Run(self, params, source)
         if self.writes:
             check_output(params.out, source, params.force, run.fingerprint)
-        if self.writes and is_complete(run.out, run.fingerprint):
+        complete = self.writes and is_complete(run.out, run.fingerprint)
+        distributed.barrier()  # every rank has decided before rank 0 writes anything
+        if complete:
             console.print(f"[green]{self.name}: {params.out} is complete for these inputs, skipped[/green]")
             return StageResult(stage=self.name, out=str(params.out), skipped=True)
+        if n > 1 and not distributed.launched():
+            from qtool.stages.launch import launch
+
+            return launch(self, params, n)
         try:
             result = self.work(run)
+            distributed.barrier()  # the other ranks return once rank 0 has committed
         except BaseException as exc:
             # the journal stays only where a rerun resumes from it: saved blocks, and a failure that
             # a rerun may not repeat (a crash, Ctrl-C, a disk error; not qtool's own refusals)
@@ -258,7 +303,8 @@ class Run:
         return round(time.time() - self.started, 2)
 
     def device(self) -> torch.device:
-        return pick_device(self.params.device)
+        """The compute device (in a distributed run on GPUs: this rank's GPU)."""
+        return distributed.device(pick_device(self.params.device))
 
     def load(self, dtype: torch.dtype = torch.float32):
         """(model on CPU, tokenizer, adapter) of the source."""
@@ -275,10 +321,18 @@ class Run:
     def journal(self) -> BlockJournal:
         """The run's journal (resumes a killed run; removed when the stage is committed)."""
         if self._journal is None:
-            self._journal = BlockJournal(self.out, self.fingerprint)
+            if distributed.world_size() > 1:
+                self._journal = distributed.SharedJournal(
+                    lambda: BlockJournal(self.out, self.fingerprint), lambda: BlockJournal.reading(self.out)
+                )
+            else:
+                self._journal = BlockJournal(self.out, self.fingerprint)
         return self._journal
 
     def writer(self, spec: str | None = None, inherit_tensors: bool = True) -> StageWriter:
+        """The stage's writer; on the ranks but 0 of a distributed run one that writes nothing."""
+        if not distributed.is_writer():
+            return _NoWriter()
         return StageWriter(
             self.out,
             self.stage.name,
@@ -286,6 +340,7 @@ class Run:
             self.source,
             spec,
             inherit_tensors=inherit_tensors,
+            world_size=distributed.world_size(),
         )
 
     def commit(self, writer: StageWriter, **metrics) -> None:
@@ -296,6 +351,29 @@ class Run:
         writer.commit()
         if self._journal is not None:
             self._journal.remove()
+
+
+class _NoWriter:
+    """The writer of the ranks that do not write: takes everything, writes nothing."""
+
+    def __init__(self):
+        self.metrics: dict = {}
+        self.timings: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def save_model(self, *args, **kwargs) -> None:
+        pass
+
+    def save_tensors(self, *args, **kwargs) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
 
 
 def plain_type(hint):

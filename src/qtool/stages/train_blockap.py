@@ -8,8 +8,10 @@ with the learned parameters. Learning rates left unset take the preset's default
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from qtool.core import distributed
 from qtool.core.errors import QtoolError
 from qtool.core.progress import progress
 from qtool.core.spec import parse_spec
@@ -70,6 +72,14 @@ class TrainBlockAP(Stage):
     name = "train-blockap"
     params = BlockAPParams
     help = "Block-wise training of the quantized model; saves folded weights and learned scales/zeros."
+    distributed = True
+
+    def check_world(self, params: BlockAPParams, n: int) -> None:
+        """Both the windows and each training batch split evenly over the n processes."""
+        super().check_world(params, n)
+        error = distributed.split_error("--batch-size", params.batch, n, "--batch-size")
+        if error:
+            raise QtoolError(error)
 
     def check(self, params: BlockAPParams, source) -> None:
         from qtool.runtime.packed_model import read_quantization_config
@@ -105,9 +115,11 @@ class TrainBlockAP(Stage):
 
             forward_batch = p.batch if p.batch_size is None else p.batch_size
             preset, settings = PRESETS[p.preset], p.settings()
+            t_blocks = time.time()
             qparams, losses = train_blocks(
                 model, adapter, spec, preset, settings, windows, dev, run.journal(), forward_batch, on_block, on_epoch
             )
+            writer.timings["blocks_s"] = round(time.time() - t_blocks, 3)  # capture and the block loop
             bar.update(task, completed=n_blocks, info="done")
             model.set_attn_implementation(attention)
             writer.save_model(model)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool.core import distributed
 from qtool.core.errors import QtoolError
 from qtool.core.progress import console, progress
 from qtool.core.spec import parse_spec
@@ -97,6 +98,7 @@ class TuneE2E(Stage):
     name = "tune-e2e"
     params = TuneE2EParams
     help = "E2E-QP: train the per-group step sizes end to end (codes and zero points frozen)."
+    distributed = True
     model_help = "A quantized stage (train-blockap output), or any model with --spec (starts from RTN)."
 
     def check(self, params: TuneE2EParams, source) -> None:
@@ -173,6 +175,12 @@ class TuneE2E(Stage):
                 order = torch.randperm(params.samples, generator=torch.Generator().manual_seed(params.seed + epoch))
                 batches = [order[i : i + params.batch_size] for i in range(0, params.samples, params.batch_size)]
                 chunk = batches[in_epoch * params.grad_accum : (in_epoch + 1) * params.grad_accum]
+                n_rows = sum(r.numel() for r in chunk)
+                if distributed.world_size() > 1:
+                    # this rank's slice of the step's windows, in micro-batches; each micro-batch's
+                    # loss weighs rows / n_rows, so the summed gradients are the one-process gradient
+                    mine = distributed.my_slice(torch.cat(chunk))
+                    chunk = [mine[i : i + params.batch_size] for i in range(0, len(mine), params.batch_size)]
                 step_loss = 0.0
                 for rows in chunk:
                     batch = windows[rows].to(dev)
@@ -182,9 +190,11 @@ class TuneE2E(Stage):
                         raise QtoolError(
                             f"tune-e2e: loss became {loss.item()} at step {step}; lower --lr or check the input stage"
                         )
-                    (loss * rows.numel() / sum(r.numel() for r in chunk)).backward()
-                    step_loss += loss.item() * rows.numel() / sum(r.numel() for r in chunk)
-                    tokens_done += batch.numel()
+                    (loss * rows.numel() / n_rows).backward()
+                    step_loss += loss.item() * rows.numel() / n_rows
+                distributed.all_reduce_grads(scales, average=False)
+                step_loss = distributed.sum_value(step_loss)
+                tokens_done += n_rows * windows.shape[1]
                 torch.nn.utils.clip_grad_norm_(scales, params.max_grad_norm)
                 opt.step()
                 sched.step()
