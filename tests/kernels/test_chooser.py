@@ -41,10 +41,9 @@ def _entry(layout, wbits, abits, group, m, path, us, n=N, k=K):
 
 
 def _w_only_rule(m, bits, wgmma=True):
-    """The weight-only default, written out: the wgmma GEMM (where it runs) from 8 rows for W2/W3 and
-    from 17 for W4/W8 up to 128; else SIMT (W2/W3 to 16 rows, W4/W8 at 1), the mma GEMV to 16,
-    dequantize + cuBLAS above."""
-    if wgmma and (8 if bits in (2, 3) else 17) <= m <= 128:
+    """The weight-only default, written out: SIMT (W2/W3 to 16 rows, W4/W8 at 1), the mma GEMV to 16,
+    then the wgmma GEMM (where it runs) to 128, dequantize + cuBLAS above."""
+    if wgmma and 17 <= m <= 128:
         return "wgmma"
     if m > 16:
         return "dequant"
@@ -76,8 +75,7 @@ def test_default_rule_named_cases(cache):
         assert chooser.choose_path("wonly", s.w_bits, s.a_bits, s.group, 1, 4096, 11008) == "simt"
     assert chooser.choose_path("wonly", 4, 16, 128, 1, 4096, 4096) == "simt"
     assert chooser.choose_path("wonly", 4, 16, 128, 4, 4096, 4096) == "mma"  # W4 SIMT loses from M = 4 on
-    assert chooser.choose_path("wonly", 2, 16, 64, 7, 4096, 4096) == "simt"  # W2/W3 keep SIMT to 7 rows
-    assert chooser.choose_path("wonly", 2, 16, 64, 8, 4096, 4096) == "wgmma"  # (16 off sm_90)
+    assert chooser.choose_path("wonly", 2, 16, 64, 16, 4096, 4096) == "simt"  # W2/W3 keep SIMT up to 16
     assert chooser.choose_path("wonly", 4, 16, 128, 16, 4096, 4096) == "mma"
     assert chooser.choose_path("wonly", 3, 16, 128, 17, 4096, 4096) == "wgmma"  # batched decode
     assert chooser.choose_path("wonly", 3, 16, 128, 128, 4096, 4096) == "wgmma"
@@ -227,10 +225,10 @@ def test_ops_w_only_impl_follows_the_table(cache, monkeypatch):
     w2 = kernels.pack_wonly(torch.zeros(N, K, dtype=torch.int64), 2, torch.ones(N, 4), torch.zeros(N, 4), 64)
     with monkeypatch.context() as patch:
         patch.setattr(ops, "_simt_fits", lambda w, m, gated=False, norm=False: True)  # asks the GPU
-        assert ops.w_only_impl(8, w2) == "simt"  # W2 off sm_90: SIMT up to 16 rows
+        assert ops.w_only_impl(16, w2) == "simt" and ops.w_only_impl(17, w2) == "dequant"  # off sm_90
         patch.setattr(ops, "wgmma_runs", lambda device: True)
         assert ops.w_only_impl(17, w) == "wgmma" and ops.w_only_impl(129, w) == "dequant"
-        assert ops.w_only_impl(7, w2) == "simt" and ops.w_only_impl(8, w2) == "wgmma"
+        assert ops.w_only_impl(16, w2) == "simt" and ops.w_only_impl(17, w2) == "wgmma"
     _table(
         cache,
         [

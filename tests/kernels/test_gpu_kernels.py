@@ -319,10 +319,10 @@ WGMMA_SHAPES = [(200, 576, 128), (77, 352, 32), (1000, 1056, None), (130, 4096, 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [17, 40, 64, 100, 128, 300])
+@pytest.mark.parametrize("m", [1, 8, 16, 17, 40, 64, 100, 128, 300])
 @pytest.mark.parametrize("n,k,group", WGMMA_SHAPES)
 def test_w_only_gemm_wgmma(bits, dtype, m, n, k, group):
-    """The Hopper GEMM at every x-row tile (NT 32, 64, 128, several tiles of 128), split K or not."""
+    """The Hopper GEMM at every x-row tile (NT 16, 32, 64, 128, several tiles of 128), split K or not."""
     if not ops.wgmma_runs(torch.device("cuda")):
         pytest.skip("wgmma needs sm_90")
     _wonly_check(*_wonly_case(bits, n, k, group, m, dtype, bits * 11 + m + n + k), impl="wgmma")

@@ -33,10 +33,12 @@ The default rule, from the H100 measurements in benchmarks/results/:
   (<= 0.09x) everywhere. One layout serves every M, and decode (M <= 4) is where low bits pay.
   Other widths go to bit-planes where activations are quantized.
 - Weight-only path: SIMT GEMV up to SIMT_MAX_M rows, the mma GEMV up to GEMV_MAX_M, dequant above;
-  on sm_90 the wgmma GEMM from WGMMA_MIN_M to WGMMA_MAX_M rows (elsewhere ops takes the rule without
-  it). At M = 4 / 8 (benchmarks/results/wgmma_small_m_h100.csv) W2-g64 SIMT vs wgmma: 25.0 / 35.7 vs
-  27.2 / 27.6 us on 4096x11008, 26.1 / 40.8 vs 37.3 / 37.9 on 8192x8192; W3-g128 29.3 / 46.5 vs
-  29.2 / 29.7 and 35.0 / 57.4 vs 44.5 / 45.1; W4 the mma GEMV beat it up to M = 16. H100, one run
+  on sm_90 the wgmma GEMM from GEMV_MAX_M + 1 to WGMMA_MAX_M rows (elsewhere ops takes the rule
+  without it). Below 17 rows it would also beat SIMT for W2/W3 from M = 8 (benchmarks/results/
+  wgmma_small_m_h100.csv, W2-g64 SIMT vs wgmma at M = 4 / 8 / 16: 25.0 / 35.7 / 57.4 vs 27.2 / 27.6 /
+  28.7 us on 4096x11008, 26.1 / 40.8 / 70.5 vs 37.3 / 37.9 / 39.4 on 8192x8192; W3-g128 at 8 / 16:
+  46.5 / 80.0 vs 29.7 / 30.6 and 57.4 / 102.5 vs 45.1 / 47.0), but its 16-row tile has not yet passed
+  its GPU tests, so the rule keeps SIMT there; W4's mma GEMV beat it up to M = 16. H100, one run
   beside fp16 (benchmarks/gpu_wgmma.sh), W4-g128 / W2-g64 wgmma vs dequant in us: 4096x11008 M=32
   31.1 / 28.6 vs 80.0 (fp16 36.4), M=64 43.4 / 38.1 vs 81.7 (fp16 38.0), M=128 62.4 / 59.5 vs 82.9,
   M=256 113.3 / 109.6 vs 92.5; 8192x8192 M=32 48.3 / 44.8 vs 112.9 (fp16 47.9), M=64 69.2 / 61.1 vs
@@ -75,9 +77,7 @@ GEMV_MAX_M = 16  # above this the default rule leaves the GEMVs for the GEMMs (w
 # M = 16: there the mma GEMV reads x fragments through L1 at 16 B per 8 codes per row (0.59-0.68x fp16
 # at M = 16 against SIMT's 0.66-0.75x), and dequantize + cuBLAS writes the fp16 weights first (0.43x).
 SIMT_MAX_M = {2: 16, 3: 16, 4: 1, 8: 1}
-# Where the wgmma GEMM runs (sm_90), it takes M rows from WGMMA_MIN_M to WGMMA_MAX_M (module docstring):
-# W2/W3 from 8 rows (at M = 4 SIMT still won, at 8 the GEMM did), W4/W8 above the mma GEMV's 16.
-WGMMA_MIN_M = {2: 8, 3: 8, 4: 17, 8: 17}
+# Where the wgmma GEMM runs (sm_90), it takes GEMV_MAX_M < M <= WGMMA_MAX_M rows (module docstring).
 WGMMA_MAX_M = 128
 
 TABLE_NAME = "kernel_table.json"
@@ -175,7 +175,7 @@ def default_path(layout: str, wbits: int, abits: int, m: int, wgmma: bool = True
     wgmma=False: the rule where the wgmma GEMM cannot run (off sm_90)."""
     _check(layout, wbits, abits)
     if layout == "wonly":
-        if wgmma and WGMMA_MIN_M[wbits] <= m <= WGMMA_MAX_M:
+        if wgmma and GEMV_MAX_M < m <= WGMMA_MAX_M:
             return "wgmma"
         if m > GEMV_MAX_M:
             return "dequant"
