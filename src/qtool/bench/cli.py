@@ -29,8 +29,9 @@ def kernels(
     m: str = typer.Option(",".join(map(str, DEFAULT_M)), help="token counts M, comma separated"),
     paths: str = typer.Option(
         ",".join(DEFAULT_PATHS),
-        help="fp16, int_mm, wPaQ (w4a16, w2a8, ...: the layout pack writes, the kernel the chooser picks), "
-        "optionally :LAYOUT (wonly, u8, planes or bitplane) or :KERNEL (simt, mma, dequant, u8_gemm, ...)",
+        help="torch peers (fp16, bf16, tinygemm, fp8, int_mm) and wPaQ (w4a16, w2a8, ...: the layout pack "
+        "writes, the kernel the chooser picks), optionally :LAYOUT (wonly, u8, planes or bitplane) or "
+        ":KERNEL (simt, mma, wgmma, dequant, u8_gemm, ...)",
     ),
     group: int = typer.Option(DEFAULT_GROUP, help="weight group size along K (0: per channel)"),
     out: Annotated[Path, typer.Option(help="directory for kernels_bench.csv and .png")] = DEFAULT_OUT,
