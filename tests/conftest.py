@@ -30,22 +30,29 @@ from qtool.models.loading import load_tokenizer, resolve_model
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A randomly initialised model of `family` with GQA (2 KV heads) where the family has it."""
+def tiny_model(family: str, seed: int = 0, **config):
+    """A randomly initialised model of `family` with GQA (2 KV heads) where the family has it; `config`
+    overrides its configuration (e.g. vocab_size)."""
     torch.manual_seed(seed)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
-    if family == "mistral":
-        return MistralForCausalLM(
-            MistralConfig(**_COMMON, intermediate_size=96, num_key_value_heads=2, sliding_window=16)
-        ).eval()
-    if family == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**_COMMON, intermediate_size=96, num_key_value_heads=2)).eval()
-    if family == "opt":
-        return OPTForCausalLM(
-            OPTConfig(**_COMMON, ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64)
-        ).eval()
-    raise ValueError(family)
+    gqa = dict(intermediate_size=96, num_key_value_heads=2)
+    families = {
+        "llama": (LlamaForCausalLM, LlamaConfig, gqa),
+        "mistral": (MistralForCausalLM, MistralConfig, {**gqa, "sliding_window": 16}),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config, gqa),
+        "opt": (OPTForCausalLM, OPTConfig, dict(ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64)),
+    }
+    if family not in families:
+        raise ValueError(family)
+    model_cls, config_cls, extra = families[family]
+    return model_cls(config_cls(**{**_COMMON, **extra, **config})).eval()
+
+
+def save_tiny(family: str, path: Path, tokenizer, **config) -> Path:
+    """tiny_model(family) with its vocabulary sized to `tokenizer`, saved with it as a model directory."""
+    model = tiny_model(family, vocab_size=len(tokenizer), **config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "opt")
@@ -87,15 +94,7 @@ def smollm2_tokenizer(smollm2_dir):
 @pytest.fixture
 def tiny_dir(tmp_path, smollm2_tokenizer):
     """A tiny random llama saved as a model directory, with SmolLM2's tokenizer (vocab sized to fit)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        **{**_COMMON, "vocab_size": len(smollm2_tokenizer)}, intermediate_size=96, num_key_value_heads=2
-    )
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny("llama", tmp_path / "tiny-llama", smollm2_tokenizer)
 
 
 @contextlib.contextmanager

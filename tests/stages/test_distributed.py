@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import OPTConfig, OPTForCausalLM
 
+from conftest import save_tiny
 from qtool.core.checkpoint import open_stage
 from qtool.core.errors import QtoolError
 from qtool.stages.calibrate import CalibrateParams, calibrate
@@ -46,21 +46,8 @@ def ranks(monkeypatch):
 
 @pytest.fixture
 def tiny_opt_dir(tmp_path, smollm2_tokenizer):
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        ffn_dim=96,
-        max_position_embeddings=128,
-        word_embed_proj_dim=64,
-        dropout=0.0,  # tune-e2e trains in train mode: dropout masks are random per process
-    )
-    path = tmp_path / "tiny-opt"
-    OPTForCausalLM(config).eval().save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+    # tune-e2e trains in train mode: dropout masks are random per process
+    return save_tiny("opt", tmp_path / "tiny-opt", smollm2_tokenizer, dropout=0.0)
 
 
 def _stage_tensors(path: Path) -> dict[str, torch.Tensor]:
