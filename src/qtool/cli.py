@@ -7,12 +7,11 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from qtool.core.errors import QtoolError
+from qtool.core.errors import QtoolError, save_trace
 
 app = typer.Typer(
     add_completion=False,
@@ -187,33 +186,13 @@ def main() -> None:
     except Exception as exc:  # a bug, not bad input: one line, the trace kept for the report
         from qtool.core.progress import console
 
-        where = _save_trace()
+        where = save_trace(f"qtool {' '.join(sys.argv[1:])}")
         console.print(
             f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (a bug in qtool; full trace in {where})",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(1)
-
-
-def _save_trace() -> str:
-    """Write the current exception's traceback under the cache directory; returns its path."""
-    import tempfile
-    import time
-    import traceback
-
-    from qtool.core.paths import cache_dir
-
-    text = f"qtool {' '.join(sys.argv[1:])}\n{traceback.format_exc()}"
-    for folder in (cache_dir() / "errors", Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"qtool-trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-            path.write_text(text)
-            return str(path)
-        except OSError:
-            continue
-    return "nowhere (no writable cache or temporary directory)"
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 from qtool.core import distributed
-from qtool.core.errors import QtoolError
-from qtool.core.paths import cache_dir
+from qtool.core.errors import QtoolError, save_trace
 
 _TASK_ENV = "QTOOL_DIST_TASK"  # the launcher's task file (stage name and parameters)
 _GRACE_S = 10  # seconds the other ranks get to fail on their own after one died, before they are stopped
@@ -145,20 +143,6 @@ def _failure(folder: Path, procs, failed: list[int], nproc: int) -> str:
     return f"rank {failed[0]} of {nproc}: {errors[failed[0]]['message']}"
 
 
-def _save_trace(stage: str, rank: int) -> str:
-    """The traceback of a rank's unexpected error, under the cache's errors/ folder; returns its path."""
-    text = f"qtool {stage} (rank {rank})\n{traceback.format_exc()}"
-    for folder in (cache_dir() / "errors", Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"qtool-trace-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-            path.write_text(text)
-            return str(path)
-        except OSError:
-            continue
-    return "nowhere (no writable cache or temporary directory)"
-
-
 def _worker() -> int:
     """One rank started by `launch`: run the stage, leave rank 0's result (or the rank's error) in the
     launcher's folder."""
@@ -188,7 +172,7 @@ def _worker() -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        where = _save_trace(task["stage"], me)
+        where = save_trace(f"qtool {task['stage']} (rank {me})")
         first = str(exc).splitlines()[0] if str(exc) else ""
         leave("bug", f"unexpected {type(exc).__name__}: {first} (trace in {where})")
         return 1
