@@ -90,11 +90,18 @@ _SHARED_OPT_IN: dict = {}  # function handle -> dynamic shared memory bytes allo
 
 
 def blocks_per_sm(fn, threads: int, shared_mem: int) -> int:
-    """Resident blocks per SM for this launch shape (registers, shared memory, threads)."""
-    from cupy_backends.cuda.api import driver
+    """Resident blocks per SM for this launch shape (registers, shared memory, threads); asked of the
+    driver once per shape (the dispatch asks on every call)."""
+    key = (handle(fn), threads, shared_mem)
+    if key not in _OCCUPANCY:
+        from cupy_backends.cuda.api import driver
 
-    allow_shared(fn, shared_mem)
-    return driver.occupancyMaxActiveBlocksPerMultiprocessor(handle(fn), threads, shared_mem)
+        allow_shared(fn, shared_mem)
+        _OCCUPANCY[key] = driver.occupancyMaxActiveBlocksPerMultiprocessor(key[0], threads, shared_mem)
+    return _OCCUPANCY[key]
+
+
+_OCCUPANCY: dict = {}  # (function handle, threads, dynamic shared bytes) -> resident blocks per SM
 
 
 def device_attribute(attr: str, device: int | None = None) -> int:

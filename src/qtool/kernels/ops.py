@@ -384,9 +384,6 @@ def wgmma_runs(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-_SIMT_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
-
-
 def _simt_gemv(
     x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor, gated: bool = False, norm=None, a_bits=None, residual=None
 ) -> None:
@@ -405,11 +402,8 @@ def _simt_gemv(
     fn = rt.kernel(
         "wonly_gemv.cu", f"wonly_gemv_simt<{w.bits}, {mt}, {u}, {nseg}, {rt.type_tag(x.dtype)}, {mode}, {warps}>"
     )
-    key = (rt.handle(fn), smem)
-    if key not in _SIMT_OCCUPANCY:
-        _SIMT_OCCUPANCY[key] = rt.blocks_per_sm(fn, 32 * warps, smem)
     sms = rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
-    resident = max(1, _SIMT_OCCUPANCY[key] * sms // slices)
+    resident = max(1, rt.blocks_per_sm(fn, 32 * warps, smem) * sms // slices)
     groups = -(-w.n // SIMT_ROWS)
     rounds = -(-groups // (resident * warps))
     nblk = -(-groups // (rounds * warps))
@@ -480,9 +474,6 @@ def wgmma_plan(bits: int, m: int) -> tuple[int, int]:
     return nt, -(-stage // 128) * 128 * WG_STAGES
 
 
-_WG_OCCUPANCY: dict = {}  # (function handle, shared bytes) -> resident blocks per SM
-
-
 def _wgmma_gemm(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None:
     """Blocks of 128 weight rows x NT x rows; K split so that the blocks fill the resident slots of
     every SM once (at least 8 k-tiles per split), partials summed by wonly_splitk_reduce."""
@@ -490,10 +481,8 @@ def _wgmma_gemm(x: torch.Tensor, w: WOnlyWeights, bias, y: torch.Tensor) -> None
     nt, smem = wgmma_plan(w.bits, m)
     tag = rt.type_tag(x.dtype)
     fn = rt.kernel("wonly_gemv.cu", f"wonly_wgmma<{w.bits}, {nt}, {tag}>")
-    key = (rt.handle(fn), smem)
-    if key not in _WG_OCCUPANCY:
-        _WG_OCCUPANCY[key] = max(1, rt.blocks_per_sm(fn, WG_THREADS, smem))
-    slots = _WG_OCCUPANCY[key] * rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
+    blocks = max(1, rt.blocks_per_sm(fn, WG_THREADS, smem))
+    slots = blocks * rt.device_attribute("cudaDevAttrMultiProcessorCount", x.device.index)
     tiles = -(-w.n // WG_ROWS) * -(-m // nt)
     ktiles = -(-w.k // WG_BK)
     splits = max(1, min(slots // tiles, ktiles // 8))
