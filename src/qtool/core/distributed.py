@@ -117,15 +117,13 @@ def _comm_device() -> torch.device:
 # -- splitting ------------------------------------------------------------------------------------
 
 
-def split_error(what: str, count: int, n: int, flag: str) -> str | None:
-    """The one-line refusal of `count` items that do not split evenly over n processes (None: they do)."""
-    if count % n == 0:
-        return None
-    up = -(-count // n) * n
-    return (
-        f"{what} {count} does not split over {n} processes: "
-        f"give a multiple of {n} (e.g. {flag} {up}) or another --nproc"
-    )
+def require_split(flag: str, count: int, n: int) -> None:
+    """Refuse, in one line, an option value `count` that does not split evenly over n processes."""
+    if count % n:
+        raise QtoolError(
+            f"{flag} {count} does not split over {n} processes: "
+            f"give a multiple of {n} (e.g. {flag} {-(-count // n) * n}) or another --nproc"
+        )
 
 
 def shard_range(n: int) -> tuple[int, int]:
@@ -236,17 +234,16 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     return t + (total - t).detach()
 
 
-def mean_value(x: float) -> float:
-    """A Python number averaged over the ranks (losses for progress and divergence checks)."""
-    if world_size() == 1:
-        return x
-    return float(all_reduce(torch.tensor([x], dtype=torch.float64), "sum")[0]) / world_size()
-
-
 def sum_value(x: float) -> float:
+    """A Python number summed over the ranks (losses for progress and divergence checks)."""
     if world_size() == 1:
         return x
     return float(all_reduce(torch.tensor([x], dtype=torch.float64), "sum")[0])
+
+
+def mean_value(x: float) -> float:
+    """A Python number averaged over the ranks."""
+    return sum_value(x) / world_size()
 
 
 def leave() -> None:

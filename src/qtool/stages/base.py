@@ -217,9 +217,7 @@ class Stage:
 
     def check_world(self, params, n: int) -> None:
         """Refuse parameters that do not split over n processes (the windows, by default)."""
-        error = distributed.split_error("--samples", params.samples, n, "--samples")
-        if error:
-            raise QtoolError(error)
+        distributed.require_split("--samples", params.samples, n)
 
     def _world(self, params) -> int:
         """The number of processes this call runs on: torchrun's (or the launcher's), or --nproc."""

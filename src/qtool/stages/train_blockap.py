@@ -77,9 +77,7 @@ class TrainBlockAP(Stage):
     def check_world(self, params: BlockAPParams, n: int) -> None:
         """Both the windows and each training batch split evenly over the n processes."""
         super().check_world(params, n)
-        error = distributed.split_error("--batch-size", params.batch, n, "--batch-size")
-        if error:
-            raise QtoolError(error)
+        distributed.require_split("--batch-size", params.batch, n)
 
     def check(self, params: BlockAPParams, source) -> None:
         from qtool.runtime.packed_model import read_quantization_config
