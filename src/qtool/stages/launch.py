@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -93,7 +92,7 @@ def launch(stage, params, nproc: int):
             time.sleep(0.05)
         failed += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failed and r not in stopped]
         if not failed and not stopped:
-            return pickle.loads((folder / "result-0.pkl").read_bytes())
+            return _read_result(stage, folder / "result-0.json")
         raise QtoolError(_failure(folder, procs, failed or sorted(stopped), nproc))
     except KeyboardInterrupt:
         _stop(procs)
@@ -103,6 +102,13 @@ def launch(stage, params, nproc: int):
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()
+
+
+def _read_result(stage, path: Path):
+    """Rank 0's result as the stage's own result type (a plain dataclass, passed as JSON: qtool never
+    unpickles)."""
+    kind = json.loads(path.read_text())
+    return getattr(sys.modules[type(stage).__module__], kind["type"])(**kind["fields"])
 
 
 def _stop(procs) -> set[int]:
@@ -164,7 +170,8 @@ def _worker() -> int:
     try:
         result = stage(stage.params(**task["params"]))
         if me == 0:
-            (task_path.parent / "result-0.pkl").write_bytes(pickle.dumps(result))
+            kind = {"type": type(result).__name__, "fields": dataclasses.asdict(result)}
+            (task_path.parent / "result-0.json").write_text(json.dumps(kind))
         return 0
     except QtoolError as exc:
         leave("qtool", str(exc))
