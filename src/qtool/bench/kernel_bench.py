@@ -142,9 +142,11 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor, group: int | 
     from qtool import kernels as qk
 
     dev = x.device
-    if path == "fp16":
-        w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(_copies(2 * n * k))]
-        return Case(path, "", "torch.matmul", lambda i: x @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
+    if path in ("fp16", "bf16"):
+        dtype = torch.float16 if path == "fp16" else torch.bfloat16
+        xf = x.to(dtype)
+        w = [torch.randn(n, k, device=dev, dtype=dtype) for _ in range(_copies(2 * n * k))]
+        return Case(path, "", "torch.matmul", lambda i: xf @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
     if path == "int_mm":
         if m <= SMALL_M or m % 8 or k % 8 or n % 8:
             return None
@@ -187,13 +189,9 @@ def build_case(path: str, n: int, k: int, m: int, x: torch.Tensor, group: int | 
 
 
 def _peer_case(path: str, n: int, k: int, m: int, x: torch.Tensor) -> Case | None:
-    """bf16, tinygemm or fp8 at (M, N, K), or None where the kernel does not take the shape (printed)."""
+    """tinygemm or fp8 at (M, N, K), or None where the kernel does not take the shape (printed)."""
     dev = x.device
     try:
-        if path == "bf16":
-            xb = x.bfloat16()
-            w = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(_copies(2 * n * k))]
-            return Case(path, "", "torch.matmul", lambda i: xb @ w[i % len(w)].T, 2 * n * k, TENSOR_PEAK["f16"])
         if path == "tinygemm":
             xb = x.bfloat16()
 
