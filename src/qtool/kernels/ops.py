@@ -381,7 +381,14 @@ def w_only_impl(m: int, w: WOnlyWeights, a_bits: int | None = None, gated: bool 
 
 def wgmma_runs(device: torch.device) -> bool:
     """Whether the wgmma GEMM runs on `device`: wgmma is sm_90a (H100, H200) only."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return device.type == "cuda" and _capability(
+        torch.cuda.current_device() if device.index is None else device.index
+    ) == (9, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # asked once per GPU: the dispatch asks on every call
 
 
 def _simt_gemv(
